@@ -1,0 +1,19 @@
+"""Full fine-tuning: every weight trains. The baseline that every PEFT comparison needs.
+
+Not an adapter: it changes the base model itself, so it cannot share the base with other adapters,
+and what it saves is the whole model (a folder plain transformers loads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from peftkit.config import PeftConfig, register_config
+
+
+@register_config
+@dataclasses.dataclass
+class FullFinetuneConfig(PeftConfig):
+    """No fields of its own: every parameter of the model trains."""
+
+    peft_type = "FULL"

@@ -1,0 +1,374 @@
+"""LoRA: a frozen weight W plus a trained low-rank update, y = W x + (alpha / r) * B A x.
+
+Layers for nn.Linear, transformers' GPT-2 Conv1D, nn.Conv2d and nn.Embedding. Options follow
+Hugging Face `peft` (`LoraConfig`): rank and alpha per module by pattern, rsLoRA scaling
+alpha / sqrt(r), dropout on the LoRA input, trained biases, and initialisation with B = 0 (default),
+gaussian A, or PiSSA (A and B from the principal singular vectors of W).
+
+PiSSA here keeps the base untouched: the adapter computes s * (B A - B0 A0), where B0 A0 is its
+frozen starting point, which is the same function and the same gradients as PiSSA's residual base
+W - s B0 A0, but leaves the base shared with other adapters. Saved files hold the equivalent plain
+LoRA of rank 2r, [B, -B0] [A; A0], which loads on the original base in peftkit and in `peft`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.config import PeftConfig, register_config
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterDelta, BiasDelta, attach_delta, check_shape, iter_base_modules, shadow_parameter
+from peftkit.targeting import find_targets, linear_types, name_matches
+
+
+@register_config
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation. Field names and meanings are those of Hugging Face `peft.LoraConfig`.
+
+    r: rank of the update. lora_alpha: scale numerator (scale = alpha / r, or alpha / sqrt(r) with
+    use_rslora). target_modules: names, a regex, or "all-linear". rank_pattern / alpha_pattern: per
+    module overrides, keys are regexes matched against the end of the module path. bias: "none",
+    "all" (train every bias) or "lora_only" (biases of adapted modules). init_lora_weights: True (B=0,
+    A kaiming-uniform), "gaussian" (B=0, A normal), "pissa" (principal singular vectors), or False
+    (random A and B; only for tests: the model changes at once).
+    """
+
+    peft_type = "LORA"
+    peft_neutral_fields = {
+        "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {},
+        "megatron_config": None, "megatron_core": "megatron.core", "use_qalora": False,
+        "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
+        "ensure_weight_tying": False,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | Literal["gaussian", "pissa"] = True
+    fan_in_fan_out: bool = False
+
+    def validate(self):
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        super().validate()
+        if self.r <= 0:
+            raise PeftkitError(f"LoraConfig.r must be a positive integer (the rank), got {self.r}")
+        for pattern, rank in self.rank_pattern.items():
+            if rank <= 0:
+                raise PeftkitError(f"LoraConfig.rank_pattern[{pattern!r}] must be positive, got {rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PeftkitError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_rslora and self.init_lora_weights == "pissa":
+            pass  # allowed: the scale enters the PiSSA split exactly as in peft
+
+
+def _pattern_value(module_name: str, patterns: dict, default):
+    """The value of the first pattern that matches the end of `module_name` (peft's rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLinearDelta(AdapterDelta):
+    """LoRA on nn.Linear or GPT-2 Conv1D. lora_A: (r, in_features), lora_B: (out_features, r)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init, train_bias: bool):
+        super().__init__()
+        weight = base_layer.weight
+        # GPT-2's Conv1D stores its weight as (in, out); nn.Linear as (out, in).
+        self.transposed = not isinstance(base_layer, nn.Linear)
+        in_features, out_features = (weight.shape if self.transposed else weight.shape[::-1])
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.delta_bias = None
+        if train_bias and getattr(base_layer, "bias", None) is not None:
+            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.pissa = init == "pissa"
+        self._initialise(init, weight)
+
+    @torch.no_grad()
+    def _initialise(self, init, weight):
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        elif init is False:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.normal_(self.lora_B, std=0.02)
+        elif init == "pissa":
+            matrix = (weight.T if self.transposed else weight).float()  # (out, in)
+            if self.r > min(matrix.shape):
+                raise PeftkitError(f"PiSSA needs r <= min{tuple(matrix.shape)} of the weight, got r={self.r}")
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            root = torch.sqrt(s[: self.r] / self.scaling)
+            self.lora_A.copy_(root[:, None] * vh[: self.r])
+            self.lora_B.copy_(u[:, : self.r] * root[None, :])
+            # The starting point, subtracted so that the adapted model starts exactly at the base.
+            self.register_buffer("start_A", self.lora_A.detach().clone(), persistent=False)
+            self.register_buffer("start_B", self.lora_B.detach().clone(), persistent=False)
+        else:
+            raise PeftkitError(f"unknown init_lora_weights={init!r}; use True, 'gaussian', 'pissa' or False")
+
+    def forward(self, x, base_output):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        if self.pissa:
+            update = update - F.linear(F.linear(x, self.start_A) * self.scaling, self.start_B)
+        output = base_output + update.to(base_output.dtype)
+        if self.delta_bias is not None:
+            output = output + self.delta_bias
+        return output
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}" + (", pissa" if self.pissa else "")
+
+    def delta_weight(self) -> torch.Tensor:
+        """The full update s * B A in the base weight's layout: (out, in), or (in, out) for Conv1D."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        if self.pissa:
+            delta = delta - (self.start_B @ self.start_A) * self.scaling
+        return delta.T if self.transposed else delta
+
+    @torch.no_grad()
+    def merge(self, base_layer):
+        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
+
+    def file_tensors(self, base_layer):
+        if self.pissa:  # the plain rank-2r LoRA with the same update on the original base
+            a = torch.cat([self.lora_A, self.start_A])
+            b = torch.cat([self.lora_B, -self.start_B], dim=1)
+        else:
+            a, b = self.lora_A, self.lora_B
+        tensors = {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
+        if self.delta_bias is not None:
+            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
+        return tensors
+
+    @torch.no_grad()
+    def _assign_file_tensors(self, tensors, base_layer):
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        if self.pissa:
+            a, start_a = a[: self.r], a[self.r :]
+            b, start_b = b[:, : self.r], -b[:, self.r :]
+            self.start_A.copy_(start_a)
+            self.start_B.copy_(start_b)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        if self.delta_bias is not None:
+            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+
+    def load_file_tensors(self, tensors, base_layer, where):
+        expected = self.file_tensors(base_layer)
+        for suffix, target in expected.items():
+            check_shape(f"{where}.{suffix}", tensors[suffix], target)
+        self._assign_file_tensors(tensors, base_layer)
+
+
+class LoraConv2dDelta(AdapterDelta):
+    """LoRA on nn.Conv2d: lora_A is a conv with the base kernel (r, in, kh, kw), lora_B a 1x1 conv (out, r, 1, 1)."""
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float, init, train_bias: bool):
+        super().__init__()
+        if base_layer.groups != 1:
+            raise PeftkitError(f"LoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported")
+        weight = base_layer.weight
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, 1, 1, dtype=weight.dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.stride, self.padding, self.dilation = base_layer.stride, base_layer.padding, base_layer.dilation
+        self.padding_mode = base_layer.padding_mode
+        self.delta_bias = None
+        if train_bias and base_layer.bias is not None:
+            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        with torch.no_grad():
+            if init is True or init is False:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / r)
+            else:
+                raise PeftkitError(f"init_lora_weights={init!r} is supported on Linear layers only, not Conv2d")
+            if init is False:
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    def forward(self, x, base_output):
+        if self.padding_mode != "zeros":
+            raise PeftkitError(f"LoRA on Conv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        x = self.dropout(x.to(self.lora_A.dtype))
+        hidden = F.conv2d(x, self.lora_A, None, self.stride, self.padding, self.dilation)
+        output = base_output + (F.conv2d(hidden, self.lora_B) * self.scaling).to(base_output.dtype)
+        if self.delta_bias is not None:
+            output = output + self.delta_bias.view(1, -1, 1, 1)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, kernel={tuple(self.lora_A.shape[1:])}"
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A as a conv kernel (out, in, kh, kw)."""
+        out_channels = self.lora_B.shape[0]
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(out_channels, *self.lora_A.shape[1:]) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, base_layer):
+        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.add_(self.delta_bias)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.sub_(self.delta_bias)
+
+    def file_tensors(self, base_layer):
+        tensors = {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+        if self.delta_bias is not None:
+            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
+        return tensors
+
+    @torch.no_grad()
+    def _assign_file_tensors(self, tensors, base_layer):
+        self.lora_A.copy_(tensors["lora_A.weight"])
+        self.lora_B.copy_(tensors["lora_B.weight"])
+        if self.delta_bias is not None:
+            self.delta_bias.copy_(tensors["base_layer.bias"] - base_layer.bias)
+
+
+class LoraEmbeddingDelta(AdapterDelta):
+    """LoRA on nn.Embedding: lora_embedding_A (r, num_embeddings), lora_embedding_B (embedding_dim, r).
+
+    As in `peft`, A starts at zero and B is random, and no dropout is applied to token ids.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float, init, train_bias: bool):
+        super().__init__()
+        if init == "pissa":
+            raise PeftkitError("init_lora_weights='pissa' is supported on Linear layers only, not Embedding")
+        weight = base_layer.weight
+        self.r, self.scaling = r, scaling
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, weight.shape[0], dtype=weight.dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(weight.shape[1], r, dtype=weight.dtype))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_embedding_B)
+            if init is False:
+                nn.init.normal_(self.lora_embedding_A, std=0.02)
+        self.lookup = dict(
+            padding_idx=base_layer.padding_idx, max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
+            scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse,
+        )
+
+    def forward(self, x, base_output):
+        hidden = F.embedding(x, self.lora_embedding_A.T, **self.lookup)
+        return base_output + ((hidden @ self.lora_embedding_B.T) * self.scaling).to(base_output.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, num_embeddings={self.lora_embedding_A.shape[1]}"
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * (B A)^T in the embedding table's layout (num_embeddings, embedding_dim)."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    @torch.no_grad()
+    def merge(self, base_layer):
+        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
+
+    def file_tensors(self, base_layer):
+        return {"lora_embedding_A": self.lora_embedding_A.detach(), "lora_embedding_B": self.lora_embedding_B.detach()}
+
+    @torch.no_grad()
+    def _assign_file_tensors(self, tensors, base_layer):
+        self.lora_embedding_A.copy_(tensors["lora_embedding_A"])
+        self.lora_embedding_B.copy_(tensors["lora_embedding_B"])
+
+
+def _delta_class(base_layer: nn.Module):
+    if isinstance(base_layer, linear_types()):
+        return LoraLinearDelta
+    if isinstance(base_layer, nn.Conv2d):
+        return LoraConv2dDelta
+    if isinstance(base_layer, nn.Embedding):
+        return LoraEmbeddingDelta
+    return None
+
+
+def supported_types() -> tuple[type, ...]:
+    return (*linear_types(), nn.Conv2d, nn.Embedding)
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, skip: list[str]) -> list[str]:
+    """Attach LoRA adapter `adapter_name` to the modules `config` selects; returns their paths."""
+    targets = find_targets(
+        model, config.target_modules, exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+        supported_types=supported_types(), task_type=config.task_type, skip=skip,
+    )
+    for name in targets:
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        scaling = lora_scaling(alpha, r, config.use_rslora)
+
+        def make(base_layer, r=r, scaling=scaling):
+            return _delta_class(base_layer)(
+                base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.bias != "none"
+            )
+
+        attach_delta(model, name, adapter_name, make)
+
+    if config.bias == "all":
+        # Every other bias of the model trains too, as in peft (LayerNorm biases included).
+        covered = set(targets)
+        for name, module in list(iter_base_modules(model)):
+            if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
+                continue
+            if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
+                attach_delta(model, name, adapter_name, BiasDelta)
+    return targets
+
+
+def export_config(config: LoraConfig) -> LoraConfig:
+    """The config to write next to the saved tensors (PiSSA is saved as the equivalent plain LoRA)."""
+    if config.init_lora_weights != "pissa":
+        return config
+    factor = math.sqrt(2) if config.use_rslora else 2  # keeps alpha / r (or alpha / sqrt r) unchanged
+    return config.replace(
+        r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+    )

@@ -1,0 +1,353 @@
+"""The wrapper: a frozen base model plus named adapters, with save/load, merge/unmerge and unload.
+
+Names follow Hugging Face `peft` so that code written for it moves over by changing the import:
+`get_peft_model`, `PeftModel.from_pretrained`, `save_pretrained`, `add_adapter`, `set_adapter`,
+`delete_adapter`, `disable_adapter()`, `merge_and_unload`, `print_trainable_parameters`.
+The wrapper never knows method details: methods attach deltas (see methods/base.py), the wrapper
+switches, merges, saves and loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from peftkit import io
+from peftkit.config import PeftConfig, load_config
+from peftkit.errors import PeftkitError
+from peftkit.methods import full, method_for
+from peftkit.methods.base import AdaptedModule, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper
+from peftkit.targeting import CLASSIFIER_HEAD_NAMES, describe_module_names, name_matches
+
+
+@dataclasses.dataclass
+class ParameterReport:
+    """Trainable parameters of a wrapped model: count, share of all parameters, bytes."""
+
+    trainable: int
+    total: int
+    trainable_bytes: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        # The exact line Hugging Face peft prints, so the two can be compared by eye.
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {100 * self.share:.4f}"
+
+
+class PeftModel(nn.Module):
+    """A base model whose weights are frozen, plus one or more named adapters."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise PeftkitError("this model is already wrapped; use add_adapter to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._inference_only: set[str] = set()
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return any(isinstance(c, full.FullFinetuneConfig) for c in self.peft_config.values())
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else ",".join(self._active)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Attach a new adapter (inactive unless it is the first one; see set_adapter)."""
+        io.check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise PeftkitError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+        if not isinstance(peft_config, PeftConfig):
+            raise PeftkitError(f"expected a peftkit config (LoraConfig, BitFitConfig, ...), got {type(peft_config).__name__}")
+        if isinstance(peft_config, full.FullFinetuneConfig) or self.is_full_finetune:
+            if self.peft_config:
+                raise PeftkitError("full fine-tuning changes the base itself and cannot share the model with other adapters")
+            for parameter in self.base_model.parameters():
+                parameter.requires_grad_(True)
+            self.peft_config[adapter_name] = peft_config
+            return
+        if not self.peft_config:
+            for parameter in self.base_model.parameters():
+                parameter.requires_grad_(False)
+        peft_config = self._with_task_defaults(peft_config)
+        method = method_for(peft_config)
+        try:
+            saved = self._attach_modules_to_save(peft_config, adapter_name)
+            method.add_adapter(self.base_model, peft_config, adapter_name, skip=saved)
+        except BaseException:
+            self._detach(adapter_name)
+            raise
+        self.peft_config[adapter_name] = peft_config
+        self._apply_active_state()
+
+    def _with_task_defaults(self, config: PeftConfig) -> PeftConfig:
+        # As in peft: a sequence-classification task trains its (new) head whole.
+        if config.task_type != "SEQ_CLS" or not hasattr(config, "modules_to_save"):
+            return config
+        heads = [n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(self.base_model, n, None), nn.Module)]
+        current = list(config.modules_to_save or [])
+        missing = [h for h in heads if h not in current]
+        return config.replace(modules_to_save=current + missing) if missing else config
+
+    def _attach_modules_to_save(self, config: PeftConfig, adapter_name: str) -> list[str]:
+        patterns = getattr(config, "modules_to_save", None)
+        if not patterns:
+            return []
+        names = [n for n, _ in iter_base_modules(self.base_model) if n and name_matches(n, patterns)]
+        names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
+        if not names:
+            raise PeftkitError(
+                f"modules_to_save={patterns} matched no module; module names in this model: "
+                f"{describe_module_names(self.base_model)}"
+            )
+        for name in names:
+            attach_delta(self.base_model, name, adapter_name, ReplacementDelta)
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (their outputs add up) and trainable; all others are inactive."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require_adapter(name)
+        self._active = names
+        self._apply_active_state()
+
+    def _apply_active_state(self) -> None:
+        for _, module in adapted_modules(self.base_model):
+            module.active_adapters = list(self._active)
+            for name, delta in module.adapters.items():
+                trainable = name in self._active and name not in self._inference_only
+                for parameter in delta.parameters():
+                    parameter.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require_adapter(adapter_name)
+        if self.is_full_finetune:
+            raise PeftkitError("a full fine-tuning run has no adapter to delete")
+        for _, module in adapted_modules(self.base_model):
+            if adapter_name in module.merged_adapters:
+                raise PeftkitError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        self._detach(adapter_name)
+        del self.peft_config[adapter_name]
+        self._inference_only.discard(adapter_name)
+        self._active = [n for n in self._active if n != adapter_name]
+        self._apply_active_state()
+
+    def _detach(self, adapter_name: str) -> None:
+        for path, module in list(adapted_modules(self.base_model)):
+            if adapter_name in module.adapters:
+                del module.adapters[adapter_name]
+            if len(module.adapters) == 0:
+                remove_wrapper(self.base_model, path, module.base_layer)
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            known = ", ".join(self.peft_config) or "none"
+            raise PeftkitError(f"no adapter named {name!r}; adapters on this model: {known}")
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model computes exactly what the base model computes."""
+        if self.is_full_finetune:
+            raise PeftkitError("full fine-tuning changed the base weights; there is no adapter to disable")
+        modules = [m for _, m in adapted_modules(self.base_model)]
+        if any(m.merged_adapters for m in modules):
+            raise PeftkitError("an adapter is merged into the base weights; call unmerge_adapter() before disable_adapter()")
+        for module in modules:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' updates into the base weights (default: the active adapters)."""
+        names = self._active if adapter_names is None else adapter_names
+        for name in names:
+            self._require_adapter(name)
+        for _, module in adapted_modules(self.base_model):
+            for name in names:
+                module.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged update back out of the base weights."""
+        for _, module in adapted_modules(self.base_model):
+            for name in reversed(list(module.merged_adapters)):
+                module.unmerge(name)
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters into the base and return the plain base model (no wrappers left)."""
+        if self.is_full_finetune:
+            return self.base_model
+        self.merge_adapter(adapter_names)
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """Return the base model without any adapter (updates are not merged)."""
+        self.unmerge_adapter()
+        return self._unwrap()
+
+    def _unwrap(self) -> nn.Module:
+        for path, module in reversed(list(adapted_modules(self.base_model))):
+            remove_wrapper(self.base_model, path, module.base_layer)
+        self.peft_config.clear()
+        self._active = []
+        return self.base_model
+
+    # -- parameters ------------------------------------------------------------------------------
+    def trainable_parameters_report(self) -> ParameterReport:
+        trainable = total = trainable_bytes = 0
+        for parameter in self.parameters():
+            count = parameter.numel()
+            if not getattr(parameter, "shadows_base_parameter", False):
+                total += count
+            if parameter.requires_grad:
+                trainable += count
+                trainable_bytes += count * parameter.element_size()
+        return ParameterReport(trainable, total, trainable_bytes)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        report = self.trainable_parameters_report()
+        return report.trainable, report.total
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters_report())
+
+    # -- files -----------------------------------------------------------------------------------
+    def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as saved: `base_model.model.<module path>.<suffix>` -> tensor."""
+        self._require_adapter(adapter_name)
+        tensors = {}
+        for path, module in adapted_modules(self.base_model):
+            delta = module.adapters[adapter_name] if adapter_name in module.adapters else None
+            if delta is None:
+                continue
+            for suffix, tensor in delta.file_tensors(module.base_layer).items():
+                tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+        return tensors
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> list[str]:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors (peft layout).
+
+        "default" goes into `save_directory`, any other adapter into `save_directory/<name>`.
+        Full fine-tuning writes the whole model instead. Returns the folders written.
+        """
+        save_directory = os.fspath(save_directory)
+        if self.is_full_finetune:
+            return [self._save_full(save_directory)]
+        names = list(self.peft_config) if selected_adapters is None else selected_adapters
+        written = []
+        for name in names:
+            self._require_adapter(name)
+            config = self.peft_config[name]
+            method = method_for(config)
+            export = getattr(method, "export_config", None)
+            config = export(config) if export else config
+            data = config.to_dict()
+            data["base_model_name_or_path"] = data.get("base_model_name_or_path") or _base_model_id(self.base_model)
+            data["inference_mode"] = True
+            folder = io.adapter_folder(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            io.write_tensors(os.path.join(folder, io.WEIGHTS_NAME), self.adapter_state(name))
+            io.write_json(os.path.join(folder, io.CONFIG_NAME), data)
+            written.append(folder)
+        return written
+
+    def _save_full(self, folder: str) -> str:
+        os.makedirs(folder, exist_ok=True)
+        if hasattr(self.base_model, "save_pretrained"):
+            self.base_model.save_pretrained(folder)  # transformers writes safetensors
+        else:
+            io.write_tensors(os.path.join(folder, "model.safetensors"), dict(self.base_model.state_dict()))
+        config = next(iter(self.peft_config.values()))
+        io.write_json(os.path.join(folder, io.CONFIG_NAME), config.to_dict())
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PeftModel":
+        """Wrap `model` with the adapter saved in folder `model_id` (peftkit's or peft's)."""
+        config = load_config(model_id)
+        wrapped = cls(model, config, adapter_name)
+        try:
+            wrapped._fill_adapter(model_id, adapter_name, is_trainable)
+        except BaseException:
+            wrapped.unload()
+            raise
+        return wrapped
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in folder `model_id` under `adapter_name` (not activated)."""
+        config = load_config(model_id)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._fill_adapter(model_id, adapter_name, is_trainable)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _fill_adapter(self, folder, adapter_name: str, is_trainable: bool) -> None:
+        folder = os.fspath(folder)
+        if self.is_full_finetune:
+            raise PeftkitError(f"{folder} holds a fully fine-tuned model, not an adapter: load it as a model folder")
+        path = os.path.join(folder, io.WEIGHTS_NAME)
+        file_tensors = io.read_tensors(path)
+        expected = self.adapter_state(adapter_name)
+        missing = [k for k in expected if k not in file_tensors]
+        unexpected = [k for k in file_tensors if k not in expected]
+        if missing or unexpected:
+            raise PeftkitError(
+                f"{path} does not fit this model with its config: "
+                + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
+                + (f"{len(unexpected)} tensors the model has no place for (e.g. {unexpected[:3]})" if unexpected else "")
+                + "; was it saved from another base model?"
+            )
+        for module_path, module in adapted_modules(self.base_model):
+            if adapter_name not in module.adapters:
+                continue
+            prefix = f"{io.KEY_PREFIX}{module_path}."
+            own = {k[len(prefix):]: v for k, v in file_tensors.items() if k.startswith(prefix) and k[len(prefix):] in
+                   module.adapters[adapter_name].file_tensors(module.base_layer)}
+            module.adapters[adapter_name].load_file_tensors(own, module.base_layer, where=prefix.rstrip("."))
+        if not is_trainable:
+            self._inference_only.add(adapter_name)
+        self._apply_active_state()
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze `model` and attach a new adapter described by `peft_config`; returns the wrapped model."""
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def _base_model_id(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
