@@ -62,7 +62,7 @@ class PeftConfig:
 
 
 # Fields that peft writes into every adapter_config.json whatever the method; neutral for us.
-_COMMON_PEFT_FIELDS = {"auto_mapping", "peft_version", "revision"}
+_COMMON_PEFT_FIELDS = {"auto_mapping", "peft_version", "revision", "megatron_core"}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:
@@ -79,6 +79,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         known = ", ".join(sorted(CONFIG_TYPES))
         raise PeftkitError(f"{source}: unknown peft_type {peft_type!r}; peftkit knows: {known}")
     cls = CONFIG_TYPES[peft_type]
+    # A file written by Hugging Face peft carries fields for every feature peft has; each new peft
+    # release adds some. Those are fine while they hold an "off" value.
+    written_by_peft = "peft_version" in data
     known_fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -92,6 +95,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
                     f"{source}: field {key}={value!r} asks for a {cls.__name__} feature that peftkit "
                     f"does not support; only {cls.peft_neutral_fields[key]!r} is accepted there"
                 )
+        elif written_by_peft and value in (None, False, {}, [], ""):
+            continue
         else:
             raise PeftkitError(
                 f"{source}: unknown field {key!r} for {cls.__name__}; known fields: "

@@ -53,6 +53,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._inference_only: set[str] = set()
+        self._targets: dict[str, list[str]] = {}  # adapter -> module paths its method adapts
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -100,7 +101,7 @@ class PeftModel(nn.Module):
         method = method_for(peft_config)
         try:
             saved = self._attach_modules_to_save(peft_config, adapter_name)
-            method.add_adapter(self.base_model, peft_config, adapter_name, skip=saved)
+            self._targets[adapter_name] = method.add_adapter(self.base_model, peft_config, adapter_name, skip=saved)
         except BaseException:
             self._detach(adapter_name)
             raise
@@ -156,6 +157,7 @@ class PeftModel(nn.Module):
                 raise PeftkitError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
         self._detach(adapter_name)
         del self.peft_config[adapter_name]
+        self._targets.pop(adapter_name, None)
         self._inference_only.discard(adapter_name)
         self._active = [n for n in self._active if n != adapter_name]
         self._apply_active_state()
@@ -194,9 +196,27 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for name in names:
             self._require_adapter(name)
+        self._refuse_tied_merge(names)
         for _, module in adapted_modules(self.base_model):
             for name in names:
                 module.merge(name)
+
+    def _refuse_tied_merge(self, names: list[str]) -> None:
+        # A weight shared by two modules (GPT-2's token embedding and LM head) would change in both.
+        owners: dict[int, list[str]] = {}
+        for module_name, module in iter_base_modules(self.base_model):
+            for parameter_name, parameter in module._parameters.items():
+                if parameter is not None:
+                    owners.setdefault(id(parameter), []).append(f"{module_name}.{parameter_name}")
+        for path, module in adapted_modules(self.base_model):
+            weight = getattr(module.base_layer, "weight", None)
+            touched = [n for n in names if n in module.adapters and not module.adapters[n].replaces_base]
+            if touched and weight is not None and len(owners.get(id(weight), [])) > 1:
+                raise PeftkitError(
+                    f"cannot merge adapter {touched[0]!r} into {path}: its weight is tied to "
+                    f"{[o for o in owners[id(weight)] if not o.startswith(path + '.')]}, which would change too. "
+                    "Keep this adapter unmerged, or leave the tied embedding out of target_modules."
+                )
 
     def unmerge_adapter(self) -> None:
         """Take every merged update back out of the base weights."""
@@ -272,6 +292,10 @@ class PeftModel(nn.Module):
             method = method_for(config)
             export = getattr(method, "export_config", None)
             config = export(config) if export else config
+            if isinstance(getattr(config, "target_modules", None), str):
+                # Write the modules actually adapted ("all-linear" or a regex resolved on this model),
+                # as peft does; peft refuses a regex together with layers_to_transform.
+                config = config.replace(target_modules=sorted(self._targets[name]))
             data = config.to_dict()
             data["base_model_name_or_path"] = data.get("base_model_name_or_path") or _base_model_id(self.base_model)
             data["inference_mode"] = True

@@ -1,0 +1,62 @@
+"""Tiny random-weight models built from configs (no downloads), shared by the tests."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_bert(num_labels=3, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, num_labels=num_labels, max_position_embeddings=64)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture
+def input_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(2, 120, (2, 9), generator=generator)
+
+
+class ConvNet(torch.nn.Module):
+    """A plain PyTorch model (no transformers) with Conv2d, Linear and Embedding layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.embed = torch.nn.Embedding(10, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, image, label_ids):
+        features = self.norm(self.conv(image)).mean(dim=(2, 3))
+        return self.head(features + self.embed(label_ids))
