@@ -20,6 +20,7 @@ from peftkit.errors import PeftkitError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+FULL_CONFIG_NAME = "peftkit_full_finetune.json"  # marks a folder written by full fine-tuning
 KEY_PREFIX = "base_model.model."
 
 

@@ -312,8 +312,9 @@ class PeftModel(nn.Module):
             self.base_model.save_pretrained(folder)  # transformers writes safetensors
         else:
             io.write_tensors(os.path.join(folder, "model.safetensors"), dict(self.base_model.state_dict()))
+        # Not adapter_config.json: transformers would then take the folder for a peft adapter.
         config = next(iter(self.peft_config.values()))
-        io.write_json(os.path.join(folder, io.CONFIG_NAME), config.to_dict())
+        io.write_json(os.path.join(folder, io.FULL_CONFIG_NAME), config.to_dict())
         return folder
 
     @classmethod
