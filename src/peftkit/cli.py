@@ -1,0 +1,314 @@
+"""The `peftkit` command: thin; every subcommand calls the library.
+
+    peftkit train                       LoRA on minilm / sst2 (the default job)
+    peftkit train --method bitfit --task trec
+    peftkit eval runs/default/adapter --split test
+    peftkit predict runs/default/adapter "a gripping , funny film"
+    peftkit inspect runs/default/adapter
+    peftkit merge runs/default/adapter --output merged-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _target_modules(text: str) -> str | list[str]:
+    """'all-linear' and regexes stay strings; 'query,value' becomes a list of names."""
+    if text == "all-linear" or any(c in text for c in "*()[]|^$+?\\"):
+        return text
+    return _comma_list(text)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_train_parser(commands) -> None:
+    from peftkit import zoo
+    from peftkit.train.job import list_methods
+
+    parser = commands.add_parser(
+        "train", help="train a method on a task and save the adapter",
+        description="Train a PEFT method on a text-classification task. With no arguments: LoRA on "
+                    "minilm / sst2, then print validation accuracy, trainable share, adapter size, "
+                    "wall time and peak memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
+    parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}), a folder, or a .jsonl/.csv file")
+    parser.add_argument("--method", default="lora", choices=list_methods(), help="how to adapt the model")
+    parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<model>-<task>-<method>)")
+    parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--r", type=int, default=None, help="rank (default 8)")
+    lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 16)")
+    lora.add_argument("--dropout", type=float, default=None, help="lora_dropout (default 0.1)")
+    lora.add_argument("--target-modules", default=None,
+                      help="comma-separated module names, a regex, or all-linear (default query,value)")
+    lora.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    lora.add_argument("--init", default=None, choices=["default", "gaussian", "pissa"], help="LoRA initialisation")
+    lora.add_argument("--bias", default=None, choices=["none", "all", "lora_only"], help="train biases too")
+
+    freeze = parser.add_argument_group("layer freezing")
+    freeze.add_argument("--layers", type=_int_list, default=None, help="block indices to train, e.g. 4,5")
+    freeze.add_argument("--last-k", type=int, default=None, help="train the last k blocks (default 2)")
+    freeze.add_argument("--train-layernorm", action="store_true", default=None, help="also train every LayerNorm")
+
+    loop = parser.add_argument_group("training")
+    loop.add_argument("--epochs", type=float, default=3)
+    loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    loop.add_argument("--batch-size", type=int, default=32)
+    loop.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
+    loop.add_argument("--weight-decay", type=float, default=0.0)
+    loop.add_argument("--warmup-ratio", type=float, default=0.06)
+    loop.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "constant"])
+    loop.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    loop.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    loop.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (always at epoch ends)")
+    loop.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    loop.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    loop.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
+    loop.add_argument("--max-eval-examples", type=int, default=None)
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _method_options(args) -> dict:
+    options = {}
+    if args.method == "lora":
+        options = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.use_rslora, bias=args.bias)
+        if args.target_modules:
+            options["target_modules"] = _target_modules(args.target_modules)
+        if args.init:
+            options["init_lora_weights"] = True if args.init == "default" else args.init
+    elif args.method == "freeze":
+        options = dict(layers_to_train=args.layers, last_k=args.last_k, train_layernorm=args.train_layernorm)
+        if args.layers is not None:
+            options["last_k"] = None
+    given = {"--r": args.r, "--alpha": args.alpha, "--dropout": args.dropout, "--target-modules": args.target_modules,
+             "--init": args.init, "--bias": args.bias, "--use-rslora": args.use_rslora,
+             "--layers": args.layers, "--last-k": args.last_k, "--train-layernorm": args.train_layernorm}
+    wrong = [flag for flag, value in given.items() if value is not None and flag not in _FLAGS_OF.get(args.method, ())]
+    if wrong:
+        raise PeftkitError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --method {args.method}; it applies to: {', '.join(_FLAGS_OF.get(args.method, ())) or 'no method flag'}")
+    return options
+
+
+_FLAGS_OF = {
+    "lora": ("--r", "--alpha", "--dropout", "--target-modules", "--init", "--bias", "--use-rslora"),
+    "freeze": ("--layers", "--last-k", "--train-layernorm"),
+}
+
+
+def _train(args) -> int:
+    from peftkit.config import load_config
+    from peftkit.train.job import train_classifier
+
+    options = _method_options(args)
+    config = load_config(args.config) if args.config else None
+    model_label = Path(args.model).name if os.sep in args.model else args.model
+    task_label = Path(args.task).stem if os.sep in args.task or "." in args.task else args.task
+    output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{task_label}-{args.method}")
+    training = dict(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
+        max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
+        resume=args.resume, seed=args.seed, progress=not args.no_progress,
+    )
+    if args.lr is not None:
+        training["learning_rate"] = args.lr
+    print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
+    result = train_classifier(
+        args.model, args.task, args.method, output_dir, config=config, method_options={k: v for k, v in options.items() if v is not None or k == "last_k"},
+        training=training, max_length=args.max_length, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
+        seed=args.seed,
+    )
+    accuracy = "n/a (no validation split)" if result.validation_accuracy is None else f"{100 * result.validation_accuracy:.2f}%"
+    rows = [
+        ("validation accuracy", accuracy),
+        ("trainable parameters", f"{result.trainable_parameters:,d} of {result.total_parameters:,d} ({100 * result.trainable_share:.4f}%)"),
+        ("adapter file size", _human_bytes(result.adapter_bytes)),
+        ("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s, {result.examples_per_second:.1f} examples/s)"),
+        ("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"),
+        ("adapter", result.adapter_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _add_eval_parser(commands) -> None:
+    parser = commands.add_parser("eval", help="accuracy of a trained adapter on a task split",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("adapter", help="adapter folder written by peftkit train (runs/NAME/adapter)")
+    parser.add_argument("--task", default=None, help="task to score on (default: the one it was trained on)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--model", default=None, help="base model, if the folder does not name it (a peft adapter)")
+    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    from peftkit.train.job import evaluate_run
+
+    result = evaluate_run(args.adapter, task=args.task, split=args.split, model=args.model, max_examples=args.max_examples)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['task']} / {result['split']}: accuracy {100 * result['accuracy']:.2f}% on {result['examples']} examples")
+    return 0
+
+
+def _add_predict_parser(commands) -> None:
+    parser = commands.add_parser("predict", help="classify texts with a trained adapter")
+    parser.add_argument("adapter", help="adapter folder written by peftkit train")
+    parser.add_argument("texts", nargs="*", help="texts to classify (or use --file)")
+    parser.add_argument("--file", default=None, help="a text file, one text per line ('-' for standard input)")
+    parser.add_argument("--model", default=None, help="base model, if the folder does not name it")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args) -> int:
+    from peftkit.train.job import load_run, predict_texts
+
+    texts = list(args.texts)
+    if args.file:
+        handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with handle:
+            texts += [line.rstrip("\n") for line in handle if line.strip()]
+    if not texts:
+        raise PeftkitError("no text to classify: give texts as arguments or --file FILE")
+    model, tokenizer, info = load_run(args.adapter, model=args.model)
+    probabilities = predict_texts(model, tokenizer, texts, info.get("max_length", 128))
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    for text, row in zip(texts, probabilities):
+        label = int(row.argmax())
+        name = info.get("label_names", [None] * (label + 1))[label] if info.get("label_names") else id2label.get(label, str(label))
+        if args.json:
+            print(json.dumps({"text": text, "label": name, "label_id": label, "probability": round(float(row[label]), 4)}))
+        else:
+            print(f"{name}\t{float(row[label]):.3f}\t{text}")
+    return 0
+
+
+def _add_inspect_parser(commands) -> None:
+    parser = commands.add_parser("inspect", help="show an adapter's config, targets, parameter count and size")
+    parser.add_argument("adapter", help="adapter folder (peftkit's or Hugging Face peft's)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=_inspect)
+
+
+def _inspect(args) -> int:
+    from peftkit.inspect import inspect_adapter
+
+    report = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"adapter      {report['folder']}")
+    print(f"method       {report['peft_type']}")
+    print(f"base model   {report['base_model'] or 'not recorded'}")
+    print(f"parameters   {report['parameters']:,d} in {report['tensors']} tensors ({report['dtype']})")
+    print(f"file size    {_human_bytes(report['file_bytes'])}")
+    print(f"modules      {len(report['modules'])}: " + ", ".join(report["modules"][:8]) + (" ..." if len(report["modules"]) > 8 else ""))
+    print("config")
+    for key, value in sorted(report["config"].items()):
+        if value not in (None, {}, [], False) or key in ("r", "lora_alpha"):
+            print(f"  {key}: {value}")
+    for name, sub in report.get("other_adapters", {}).items():
+        print(f"other adapter {name!r}: {sub['peft_type']}, {sub['parameters']:,d} parameters, {_human_bytes(sub['file_bytes'])}")
+    return 0
+
+
+def _add_merge_parser(commands) -> None:
+    parser = commands.add_parser("merge", help="merge an adapter into its base and write a plain model folder")
+    parser.add_argument("adapter", help="adapter folder written by peftkit train")
+    parser.add_argument("--output", required=True, help="folder for the merged model (plain transformers loads it)")
+    parser.add_argument("--model", default=None, help="base model, if the folder does not name it")
+    parser.set_defaults(handler=_merge)
+
+
+def _merge(args) -> int:
+    from peftkit.train.job import load_run
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise PeftkitError(f"{output} exists and is not empty; choose a new --output folder")
+    started = time.perf_counter()
+    model, tokenizer, _ = load_run(args.adapter, model=args.model)
+    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plain.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"merged model written to {output} in {time.perf_counter() - started:.1f} s; "
+          f"load it with transformers.AutoModelForSequenceClassification.from_pretrained({str(output)!r})")
+    return 0
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning: train, evaluate, inspect and merge adapters.",
+        epilog="Start with `peftkit train` (LoRA on minilm / sst2). `peftkit COMMAND --help` for details.",
+    )
+    from peftkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_predict_parser(commands)
+    _add_inspect_parser(commands)
+    _add_merge_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except PeftkitError as error:
+        print(f"peftkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftkit: interrupted; a training run resumes with --resume from its last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

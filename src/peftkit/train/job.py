@@ -1,0 +1,238 @@
+"""A whole classification job: model + task + method in, trained adapter and a report out.
+
+This is what `peftkit train` runs; the library user can call `train_classifier` directly. The run
+folder holds `adapter/` (peft layout, plus `peftkit_run.json` naming the base model, task and labels
+so that `peftkit eval` / `predict` / `merge` need nothing else), `checkpoints/`, `best/` and
+`metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit import io, zoo
+from peftkit.config import PeftConfig
+from peftkit.errors import PeftkitError
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.freeze import FreezeConfig
+from peftkit.methods.full import FullFinetuneConfig
+from peftkit.methods.lora import LoraConfig
+from peftkit.model import PeftModel, get_peft_model
+from peftkit.train.data import PaddingCollator, length_grouped_order, tokenize_examples
+from peftkit.train.loop import TrainingArguments, train
+
+RUN_INFO_NAME = "peftkit_run.json"
+
+# Per-method defaults for classification: the config and a learning rate that suits it. A config
+# passed in replaces the default config; the learning rate can always be set.
+METHOD_DEFAULTS: dict[str, tuple[type[PeftConfig], dict[str, Any], float]] = {
+    "lora": (LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]), 1e-3),
+    "bitfit": (BitFitConfig, {}, 2e-3),
+    "freeze": (FreezeConfig, dict(last_k=2), 1e-4),
+    "full": (FullFinetuneConfig, {}, 1e-4),
+}
+
+
+def list_methods() -> list[str]:
+    return sorted(METHOD_DEFAULTS)
+
+
+def method_config(method: str, **options) -> PeftConfig:
+    """The config for `method` with its classification defaults, updated by `options`."""
+    if method not in METHOD_DEFAULTS:
+        raise PeftkitError(f"unknown method {method!r}; methods: {', '.join(list_methods())}")
+    cls, defaults, _ = METHOD_DEFAULTS[method]
+    values = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    if cls is not FullFinetuneConfig:
+        values.setdefault("task_type", "SEQ_CLS")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PeftkitError(f"option(s) {unknown} do not apply to method {method!r}; its options: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def default_learning_rate(method: str) -> float:
+    return METHOD_DEFAULTS[method][2] if method in METHOD_DEFAULTS else 5e-4
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a classification job measured; `peftkit train` prints it and writes it to metrics.json."""
+
+    model: str
+    task: str
+    method: str
+    validation_accuracy: float | None
+    trainable_parameters: int
+    total_parameters: int
+    trainable_share: float
+    adapter_bytes: int
+    wall_time_s: float
+    train_time_s: float
+    peak_rss_mb: float
+    examples_per_second: float
+    steps: int
+    output_dir: str
+    adapter_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_classifier(
+    model: str = "minilm",
+    task: str = "sst2",
+    method: str = "lora",
+    output_dir: str | os.PathLike = "runs/default",
+    *,
+    config: PeftConfig | None = None,
+    method_options: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    max_length: int = 128,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    seed: int = 0,
+) -> JobResult:
+    """Train `method` on `task` with base `model`; save the best adapter to `output_dir/adapter`.
+
+    `training` holds TrainingArguments fields (epochs, batch_size, learning_rate, ...). Returns the
+    measured result (validation accuracy, trainable share, adapter size, time, peak memory).
+    """
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    data = zoo.load_task(task, text_column=text_column, label_column=label_column)
+    if not data.train:
+        raise PeftkitError(f"task {task!r} has no training examples")
+    evaluation = data.validation or data.test
+    base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
+    peft_config = config or method_config(method, **(method_options or {}))
+    wrapped = get_peft_model(base, peft_config)
+
+    train_examples = data.train[:max_train_examples] if max_train_examples else data.train
+    eval_examples = (evaluation[:max_eval_examples] if max_eval_examples else evaluation) if evaluation else None
+    train_features = tokenize_examples(train_examples, tokenizer, max_length=max_length)
+    eval_features = tokenize_examples(eval_examples, tokenizer, max_length=max_length) if eval_examples else None
+    lengths = [len(f["input_ids"]) for f in train_features]
+
+    arguments = {"learning_rate": default_learning_rate(method), "seed": seed, **(training or {})}
+    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
+    order = lambda epoch: length_grouped_order(lengths, arguments.batch_size * _processes(), arguments.seed, epoch)  # noqa: E731
+    result = train(wrapped, train_features, eval_features, arguments, PaddingCollator(tokenizer), batch_order=order)
+
+    adapter_dir = output_dir / "adapter"
+    save_run(wrapped, tokenizer, adapter_dir, model=model, task=task, method=method,
+             label_names=data.label_names, max_length=max_length)
+    report = wrapped.trainable_parameters_report()
+    best = result.best_eval or result.final_eval or {}
+    job = JobResult(
+        model=str(model), task=str(task), method=method,
+        validation_accuracy=best.get("accuracy"),
+        trainable_parameters=report.trainable, total_parameters=report.total, trainable_share=report.share,
+        adapter_bytes=folder_bytes(adapter_dir), wall_time_s=time.perf_counter() - started,
+        train_time_s=result.wall_time_s, peak_rss_mb=result.peak_rss_mb,
+        examples_per_second=result.examples_per_second, steps=result.steps,
+        output_dir=str(output_dir), adapter_dir=str(adapter_dir),
+    )
+    io.write_json(output_dir / "job.json", job.to_dict())
+    return job
+
+
+def _processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def save_run(peft_model: PeftModel, tokenizer, folder: str | os.PathLike, **info) -> None:
+    """Save the adapter (or the whole model for full fine-tuning) plus what is needed to use it."""
+    folder = Path(folder)
+    peft_model.save_pretrained(folder)
+    if peft_model.is_full_finetune:
+        tokenizer.save_pretrained(folder)
+    io.write_json(folder / RUN_INFO_NAME, {**info, "full_finetune": peft_model.is_full_finetune})
+
+
+def read_run_info(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / RUN_INFO_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise PeftkitError(f"{path} is not valid JSON ({error})") from None
+
+
+def load_run(folder: str | os.PathLike, model: str | None = None):
+    """Load a saved classification run: (model ready for inference, tokenizer, run info)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PeftkitError(f"{folder} is not a folder; give the adapter folder written by `peftkit train` (runs/NAME/adapter)")
+    info = read_run_info(folder)
+    base_name = model or info.get("model")
+    if info.get("full_finetune"):
+        classifier, tokenizer = zoo.load_classifier(folder, num_labels=len(info["label_names"]), id2label=info["label_names"])
+        return classifier.eval(), tokenizer, info
+    if base_name is None:
+        raise PeftkitError(
+            f"{folder} does not say which base model it adapts (no {RUN_INFO_NAME}); pass --model NAME_OR_FOLDER"
+        )
+    labels = info.get("label_names")
+    num_labels = len(labels) if labels else _num_labels_from_adapter(folder)
+    base, tokenizer = zoo.load_classifier(base_name, num_labels=num_labels, id2label=labels)
+    wrapped = PeftModel.from_pretrained(base, folder)
+    return wrapped.eval(), tokenizer, info
+
+
+def _num_labels_from_adapter(folder: Path) -> int:
+    tensors = io.read_tensors(folder / io.WEIGHTS_NAME)
+    for key in ("base_model.model.classifier.weight", "base_model.model.score.weight"):
+        if key in tensors:
+            return tensors[key].shape[0]
+    raise PeftkitError(f"cannot tell the number of classes of {folder}: no trained classifier head in it")
+
+
+@torch.no_grad()
+def predict_texts(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities, (len(texts), num_labels)."""
+    model.eval()
+    collate = PaddingCollator(tokenizer)
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length)
+        features = [{k: encoded[k][i] for k in encoded} for i in range(len(encoded["input_ids"]))]
+        batch = collate(features)
+        outputs.append(model(**batch).logits.float().softmax(-1))
+    return torch.cat(outputs)
+
+
+def evaluate_run(folder, task: str | None = None, split: str = "validation", model: str | None = None,
+                 max_examples: int | None = None) -> dict[str, Any]:
+    """Accuracy of a saved run on a task split (default: the task it was trained on)."""
+    classifier, tokenizer, info = load_run(folder, model=model)
+    task = task or info.get("task")
+    if task is None:
+        raise PeftkitError(f"{folder} does not say which task it was trained on; pass --task")
+    data = zoo.load_task(task)
+    examples = getattr(data, split, None)
+    if not examples:
+        available = [s for s in ("train", "validation", "test") if getattr(data, s, None)]
+        raise PeftkitError(f"task {task!r} has no {split!r} split; it has: {', '.join(available)}")
+    examples = examples[:max_examples] if max_examples else examples
+    probabilities = predict_texts(classifier, tokenizer, [e.text for e in examples], info.get("max_length", 128))
+    labels = torch.tensor([e.label for e in examples])
+    accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
+    return {"task": task, "split": split, "examples": len(examples), "accuracy": accuracy}
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the tensor files in a folder (what shipping the adapter costs)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
