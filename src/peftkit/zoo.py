@@ -12,6 +12,7 @@ is read from disk by `peftkit.train.data.load_task_path`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import warnings
@@ -141,6 +142,18 @@ def resolve_model(name_or_path: str | Path) -> Path:
     )
 
 
+# Any one of these shows that a model folder carries its tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def _label_maps(num_labels: int, id2label: Mapping[int, str] | Sequence[str] | None) -> dict[int, str] | None:
     if id2label is None:
         return None
@@ -165,9 +178,11 @@ def load_classifier(
 
     The classification head is new (randomly initialized) unless the checkpoint has one of the
     right size. `seed` makes that initialization repeatable without touching the global torch
-    random state. `id2label` (a list of names, or a dict id -> name) names the classes in the
-    model config. Returns (model, tokenizer); the model maps input_ids [batch, seq] to logits
-    [batch, num_labels].
+    random state; without it the head is drawn from the global state, as in transformers.
+    `id2label` (a list of names, or a dict id -> name) names the classes in the model config.
+    Weights missing from or unused in the checkpoint, other than the head, are reported with a
+    warning. Returns (model, tokenizer); the model maps input_ids [batch, seq] (long) to logits
+    [batch, num_labels] (float32).
     """
     import torch
     import transformers
@@ -176,6 +191,13 @@ def load_classifier(
     if num_labels < 2:
         raise PeftkitError(f"num_labels must be at least 2 for a classifier, got {num_labels}")
     folder = resolve_model(name_or_path)
+    # Without these, recent transformers quietly builds a tokenizer with an empty vocabulary that
+    # maps every word to [UNK]; training would run and learn nothing.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise PeftkitError(
+            f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+            f"tokenizer next to the model with tokenizer.save_pretrained({str(folder)!r})"
+        )
     config_overrides: dict = {"num_labels": num_labels, "problem_type": "single_label_classification"}
     names = _label_maps(num_labels, id2label)
     if names is not None:
@@ -190,11 +212,18 @@ def load_classifier(
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        with torch.random.fork_rng(devices=[]):
+        # With a seed, the head is drawn from a forked random state, so the caller's is left as it was.
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
             model, loading_info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                folder, dtype=torch.float32, output_loading_info=True, **config_overrides
+                folder,
+                dtype=torch.float32,
+                output_loading_info=True,
+                # A checkpoint's own head for another number of classes is replaced, with a warning
+                # below, rather than failing with a pointer to the report silenced here.
+                ignore_mismatched_sizes=True,
+                **config_overrides,
             )
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     finally:
@@ -202,17 +231,23 @@ def load_classifier(
         if progress_bar_was_on:
             transformers_logging.enable_progress_bar()
 
-    # Weights of the encoder itself that were missing or left unused point at a wrong or broken
-    # checkpoint, which the silenced report would otherwise hide.
+    # What the silenced report would have said beyond "new head": encoder weights missing from the
+    # checkpoint or left unused by the model point at a wrong or broken checkpoint, and a resized
+    # head means a classifier trained for another number of classes was thrown away.
     base_prefix = f"{model.base_model_prefix}."
-    missing = sorted(key for key in loading_info["missing_keys"] if key.startswith(base_prefix))
-    unused = sorted(loading_info["unexpected_keys"])
-    if missing or unused:
-        warnings.warn(
-            f"loading {folder}: {len(missing)} encoder weights were missing and randomly initialized "
-            f"{missing[:5]}, {len(unused)} checkpoint weights were unused {unused[:5]}",
-            stacklevel=2,
-        )
+    problems = {
+        "encoder weights were missing and randomly initialized": sorted(
+            key for key in loading_info["missing_keys"] if key.startswith(base_prefix)
+        ),
+        "checkpoint weights were unused": sorted(loading_info["unexpected_keys"]),
+        "checkpoint weights had another shape and were randomly initialized": sorted(
+            f"{key} {tuple(checkpoint_shape)} -> {tuple(model_shape)}"
+            for key, checkpoint_shape, model_shape in loading_info["mismatched_keys"]
+        ),
+    }
+    found = [f"{len(keys)} {what}: {keys[:5]}" for what, keys in problems.items() if keys]
+    if found:
+        warnings.warn(f"loading {folder}: " + "; ".join(found), stacklevel=2)
     return model, tokenizer
 
 

@@ -115,12 +115,20 @@ def _missing_column_error(where: str, column: str, columns: Sequence[str], role:
     )
 
 
+def _show(value: object) -> str:
+    """A value as the user wrote it: JSON spelling where it has one (null, true), else repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _normalize_label(value: object, where: str) -> int | str:
     """A raw label as an int (a class id) or a str (a class name)."""
     # bool is an int subclass in Python; true/false as a label is almost surely a mistake.
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
         raise PeftkitError(
-            f"{where}: label {json.dumps(value)} is neither a class id (0, 1, ...) nor a class name"
+            f"{where}: label {_show(value)} is neither a class id (0, 1, ...) nor a class name"
         )
     if isinstance(value, int):
         return value
@@ -141,7 +149,7 @@ def _check_text(value: object, where: str, text_column: str) -> str:
     if isinstance(value, str):
         return value
     raise PeftkitError(
-        f"{where}: column {text_column!r} holds {json.dumps(value)}, which is not a string"
+        f"{where}: column {text_column!r} holds {_show(value)}, which is not a string"
     )
 
 
@@ -214,23 +222,27 @@ def _read_delimited(path: Path, delimiter: str, text_column: str, label_column: 
     except UnicodeDecodeError as error:
         raise PeftkitError(f"{path}: not UTF-8 text ({error.reason}); save the file as UTF-8") from None
     except csv.Error as error:
-        raise PeftkitError(f"{path}: not a readable {'CSV' if delimiter == ',' else 'TSV'} file ({error})") from None
+        kind = "CSV" if delimiter == "," else "TSV"
+        raise PeftkitError(f"{path}: not a readable {kind} file ({error})") from None
     return split
 
 
 def _read_data_file(path: Path, text_column: str, label_column: str) -> _RawSplit:
     name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        split = _read_jsonl(path, text_column, label_column)
-    elif name.endswith(".csv"):
-        split = _read_delimited(path, ",", text_column, label_column)
-    elif name.endswith(".tsv"):
-        split = _read_delimited(path, "\t", text_column, label_column)
-    else:
-        raise PeftkitError(
-            f"{path}: unsupported file type; use .jsonl (one JSON object per line) or .csv "
-            f"(with a header line), or .tsv / .jsonl.gz"
-        )
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            split = _read_jsonl(path, text_column, label_column)
+        elif name.endswith(".csv"):
+            split = _read_delimited(path, ",", text_column, label_column)
+        elif name.endswith(".tsv"):
+            split = _read_delimited(path, "\t", text_column, label_column)
+        else:
+            raise PeftkitError(
+                f"{path}: unsupported file type; use .jsonl (one JSON object per line) or .csv "
+                f"(with a header line), or .tsv / .jsonl.gz"
+            )
+    except (OSError, EOFError) as error:  # unreadable, or a truncated or corrupt .gz
+        raise PeftkitError(f"{path}: cannot be read ({error})") from None
     if not split.texts:
         raise PeftkitError(f"{path} is empty: it holds no examples")
     return split
@@ -270,7 +282,9 @@ def _label_names_from_train(train: _RawSplit) -> list[str]:
     else:
         for index, label in enumerate(train.labels):
             if label < 0:  # type: ignore[operator]
-                raise PeftkitError(f"{train.where(index)}: label {label} is negative; class ids are 0, 1, ...")
+                raise PeftkitError(
+                    f"{train.where(index)}: label {label} is negative; class ids are 0, 1, ..."
+                )
         present = set(train.labels)
         num_labels = max(present) + 1  # type: ignore[type-var,operator]
         absent = [i for i in range(num_labels) if i not in present]
@@ -283,7 +297,8 @@ def _label_names_from_train(train: _RawSplit) -> list[str]:
         names = [str(i) for i in range(num_labels)]
     if len(names) < 2:
         raise PeftkitError(
-            f"{train.source}: only one label ({names[0]}) occurs in the train split; a classifier needs two or more"
+            f"{train.source}: only one label ({names[0]}) occurs in the train split; "
+            f"a classifier needs two or more"
         )
     return names
 
@@ -298,15 +313,15 @@ def _label_ids(split: _RawSplit, label_names: list[str], names_from: str, accept
     ids = []
     for index, label in enumerate(split.labels):
         if isinstance(label, int):
-            if not 0 <= label < len(label_names):
-                raise PeftkitError(
-                    f"{split.where(index)}: label {label} is outside 0..{len(label_names) - 1} "
-                    f"(labels: {_describe_labels(label_names)})"
-                )
             if not accept_ids:
                 raise PeftkitError(
                     f"{split.where(index)}: label {label} is a class id, but the train split uses "
                     f"label names (labels: {_describe_labels(label_names)}); use the names here too"
+                )
+            if not 0 <= label < len(label_names):
+                raise PeftkitError(
+                    f"{split.where(index)}: label {label} is outside 0..{len(label_names) - 1} "
+                    f"(labels: {_describe_labels(label_names)})"
                 )
             ids.append(label)
         elif label in id_of_name:
@@ -335,7 +350,9 @@ def _build_task(
     for split_name, split in raw_splits.items():
         if split_name != "train" and all(label == -1 for label in split.labels):
             # GLUE-style unlabeled test sets mark every label -1: there is nothing to evaluate on.
-            warnings.warn(f"{split.source}: every label is -1 (unlabeled), so the {split_name} split is left out")
+            warnings.warn(
+                f"{split.source}: every label is -1 (unlabeled), so the {split_name} split is left out"
+            )
             continue
         ids = _label_ids(split, label_names, names_from, accept_ids)
         examples[split_name] = [Example(text, label) for text, label in zip(split.texts, ids)]
@@ -359,7 +376,9 @@ def load_task_files(
     """
     if "train" not in split_files:
         raise PeftkitError(f"task {name!r} has no train file")
-    raw = {split: _read_data_file(Path(path), text_column, label_column) for split, path in split_files.items()}
+    raw = {
+        split: _read_data_file(Path(path), text_column, label_column) for split, path in split_files.items()
+    }
     return _build_task(name, raw, label_names, names_from="the task's label names")
 
 
@@ -496,7 +515,11 @@ class PaddingCollator:
         if not features:
             raise ValueError("cannot collate an empty batch")
         longest = max(len(feature["input_ids"]) for feature in features)
-        pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": self.pad_token_type_id}
+        pad_values = {
+            "input_ids": self.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": self.pad_token_type_id,
+        }
         batch: dict[str, torch.Tensor] = {}
         for key, pad_value in pad_values.items():
             if key not in features[0]:
