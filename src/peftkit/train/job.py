@@ -130,8 +130,10 @@ def train_classifier(
     result = train(wrapped, train_features, eval_features, arguments, PaddingCollator(tokenizer), batch_order=order)
 
     adapter_dir = output_dir / "adapter"
-    save_run(wrapped, tokenizer, adapter_dir, model=model, task=task, method=method,
-             label_names=data.label_names, max_length=max_length)
+    if _is_main_process():
+        save_run(wrapped, tokenizer, adapter_dir, model=str(model), task=str(task), method=method,
+                 label_names=data.label_names, max_length=max_length, text_column=text_column,
+                 label_column=label_column)
     report = wrapped.trainable_parameters_report()
     best = result.best_eval or result.final_eval or {}
     job = JobResult(
@@ -143,12 +145,17 @@ def train_classifier(
         examples_per_second=result.examples_per_second, steps=result.steps,
         output_dir=str(output_dir), adapter_dir=str(adapter_dir),
     )
-    io.write_json(output_dir / "job.json", job.to_dict())
+    if _is_main_process():
+        io.write_json(output_dir / "job.json", job.to_dict())
     return job
 
 
 def _processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_run(peft_model: PeftModel, tokenizer, folder: str | os.PathLike, **info) -> None:
@@ -220,7 +227,9 @@ def evaluate_run(folder, task: str | None = None, split: str = "validation", mod
     task = task or info.get("task")
     if task is None:
         raise PeftkitError(f"{folder} does not say which task it was trained on; pass --task")
-    data = zoo.load_task(task)
+    same_task = task == info.get("task")
+    data = zoo.load_task(task, text_column=info.get("text_column", "text") if same_task else "text",
+                         label_column=info.get("label_column", "label") if same_task else "label")
     examples = getattr(data, split, None)
     if not examples:
         available = [s for s in ("train", "validation", "test") if getattr(data, s, None)]
