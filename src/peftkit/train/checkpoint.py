@@ -23,8 +23,9 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 _TEMPORARY_PREFIX = ".tmp-"
 
 
-# --------------------------------------------------------------------------- atomic files
+# --------------------------------------------------------------------------- durability
 
 
 def _fsync_directory(path: Path) -> None:
@@ -63,31 +64,6 @@ def _fsync_directory(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{_TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def save_tensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save ``tensors`` as safetensors at ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{_TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
-    save_file(_to_saveable(tensors), str(temporary))
-    _fsync_file(temporary)
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
 
 
 def _to_saveable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +94,9 @@ def load_trainable_into(model: torch.nn.Module, path: str | os.PathLike) -> None
             if missing:
                 parts.append(f"trainable parameters missing from the file: {_short_list(missing)}")
             if unexpected:
-                parts.append(f"tensors in the file that are not trainable parameters of the model: {_short_list(unexpected)}")
+                parts.append(
+                    f"tensors in the file that are not trainable parameters of the model: {_short_list(unexpected)}"
+                )
             raise PeftkitError(
                 f"{path} does not match the model: " + "; ".join(parts) + ". "
                 "Resume with the same model and the same trainable parameters (same adapter config), "
@@ -154,7 +132,13 @@ def capture_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_kind, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "numpy": [
+            np_kind,
+            torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
