@@ -137,13 +137,17 @@ def _train(args) -> int:
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
-    print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one report
+    if main_process:
+        print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
     result = train_classifier(
         args.model, args.task, args.method, output_dir, config=config, method_options={k: v for k, v in options.items() if v is not None or k == "last_k"},
         training=training, max_length=args.max_length, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
         seed=args.seed,
     )
+    if not main_process:
+        return 0
     accuracy = "n/a (no validation split)" if result.validation_accuracy is None else f"{100 * result.validation_accuracy:.2f}%"
     rows = [
         ("validation accuracy", accuracy),
