@@ -130,8 +130,11 @@ def train_classifier(
     result = train(wrapped, train_features, eval_features, arguments, PaddingCollator(tokenizer), batch_order=order)
 
     adapter_dir = output_dir / "adapter"
+    # A folder is recorded as an absolute path so that eval / predict / merge work from anywhere.
+    model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
+    task_id = str(task) if str(task) in zoo.list_tasks() else str(Path(task).resolve())
     if _is_main_process():
-        save_run(wrapped, tokenizer, adapter_dir, model=str(model), task=str(task), method=method,
+        save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method,
                  label_names=data.label_names, max_length=max_length, text_column=text_column,
                  label_column=label_column)
     report = wrapped.trainable_parameters_report()

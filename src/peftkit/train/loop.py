@@ -248,7 +248,7 @@ def train(
         ckpt.load_trainable_into(model, resume_from / ckpt.TRAINABLE_FILENAME)
     elif ckpt.list_checkpoints(checkpoint_root):
         raise PeftkitError(
-            f"{checkpoint_root} already holds checkpoints of an earlier run. Pass resume=True to continue "
+            f"{checkpoint_root} already holds checkpoints of an earlier run. Pass resume=True (peftkit train --resume) to continue "
             "it, or use another output_dir (or delete that folder) to start afresh."
         )
     if accelerator.is_main_process:
