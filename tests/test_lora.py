@@ -147,3 +147,27 @@ def test_wrap_failure_leaves_model_untouched():
     with pytest.raises(PeftkitError):
         get_peft_model(base, LoraConfig(r=4, target_modules=["query", "LayerNorm"]))
     assert base.state_dict().keys() == expected.keys()
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=25, deadline=None)
+@given(in_features=st.integers(1, 24), out_features=st.integers(1, 24), r=st.integers(1, 8),
+       alpha=st.floats(0.5, 64), rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_merge_matches_unmerged_for_any_shape(in_features, out_features, r, alpha, rslora, seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(in_features, out_features), torch.nn.Tanh(), torch.nn.Linear(out_features, 3))
+    before = [net[0].weight.clone(), net[2].weight.clone()]
+    model = get_peft_model(net, LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["0", "2"],
+                                           init_lora_weights=False))
+    x = torch.randn(5, in_features)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+    restored = [model.base_model[0].base_layer.weight, model.base_model[2].base_layer.weight]
+    torch.testing.assert_close(restored[0], before[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(restored[1], before[1], rtol=0, atol=1e-5)
