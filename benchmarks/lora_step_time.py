@@ -133,18 +133,29 @@ def main() -> None:
             "training_memory_mb": memory[variant]["training_mb"],
             "peak_rss_mb": memory[variant]["peak_mb"],
         })
-    print(f"\nminilm LoRA r={args.r} on {','.join(args.targets)}, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"dropout {args.dropout}; {args.rounds} interleaved rounds of {args.steps_per_round} steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| variant | trainable params | step time (median) | vs peft | vs full FT | training memory | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    import peft
+
+    lines = [
+        f"{args.model}, LoRA r={args.r} (alpha {2 * args.r}, dropout {args.dropout}) on {','.join(args.targets)}, "
+        f"batch {args.batch_size} x {args.seq_len} tokens, AdamW; median of {args.rounds} interleaved rounds of "
+        f"{args.steps_per_round} steps; torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads. "
+        "Training memory = peak RSS growth over the steps, in a fresh process per variant.",
+        "",
+        "| variant | trainable params | step time (median) | vs peft | vs full FT | training memory | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        print(f"| {row['variant']} | {row['trainable_parameters']:,d} | {1000 * row['step_s_median']:.0f} ms | "
-              f"{row['step_vs_peft']:.2f}x | {row['step_vs_full']:.2f}x | {row['training_memory_mb']:.0f} MiB | {row['peak_rss_mb']:.0f} MiB |")
+        lines.append(f"| {row['variant']} | {row['trainable_parameters']:,d} | {1000 * row['step_s_median']:.0f} ms | "
+                     f"{row['step_vs_peft']:.2f}x | {row['step_vs_full']:.2f}x | {row['training_memory_mb']:.0f} MiB | "
+                     f"{row['peak_rss_mb']:.0f} MiB |")
+    markdown = "\n".join(lines)
+    print("\n" + markdown)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows,
-                       "times": times}, handle, indent=2)
+            json.dump({"command": "python benchmarks/lora_step_time.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+                       "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown,
+                       "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, "times": times},
+                      handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Rewrite the README's results section from the benchmark outputs in benchmarks/results/*.json.
+
+    python benchmarks/update_readme.py
+
+Each results file carries the markdown table its benchmark printed ("markdown"), the command that
+produced it ("command") and when ("measured_at"); this script only assembles them, so the README
+shows exactly what the benchmarks measured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ORDER = ["default_job", "lora_vs_full", "lora_step_time"]
+TITLES = {
+    "default_job": "The default job (`peftkit train`)",
+    "lora_vs_full": "LoRA against full fine-tuning, same budget",
+    "lora_step_time": "LoRA training step: peftkit, Hugging Face peft, full fine-tuning",
+}
+
+
+def section() -> str:
+    parts = []
+    files = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    for path in files:
+        data = json.loads(path.read_text())
+        if "markdown" not in data:
+            continue
+        title = TITLES.get(path.stem, path.stem)
+        when = f", measured {data['measured_at']}" if data.get("measured_at") else ""
+        parts.append(f"### {title}\n\n`{data.get('command', 'python benchmarks/' + path.stem + '.py')}`{when}\n\n"
+                     f"{data['markdown'].strip()}\n")
+    return "\n".join(parts) if parts else "(not measured yet)\n"
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- results:start -->\n)(.*?)(<!-- results:end -->)", re.S)
+    if not pattern.search(text):
+        print("README.md has no <!-- results:start --> ... <!-- results:end --> block", file=sys.stderr)
+        return 1
+    readme.write_text(pattern.sub(lambda m: m.group(1) + section() + m.group(3), text))
+    print(f"README.md results rewritten from {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
