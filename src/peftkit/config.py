@@ -104,7 +104,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
             )
     try:
         return cls(**kwargs)
-    except TypeError as error:  # a required field is missing
+    except (TypeError, PeftkitError) as error:  # a missing field, or a value validate() refuses
         raise PeftkitError(f"{source}: {error}") from None
 
 
