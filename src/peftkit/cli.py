@@ -60,9 +60,9 @@ def _add_train_parser(commands) -> None:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=None, help="rank (default 8)")
     lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 16)")
-    lora.add_argument("--dropout", type=float, default=None, help="lora_dropout (default 0.1)")
+    lora.add_argument("--dropout", type=float, default=None, help="lora_dropout (default 0)")
     lora.add_argument("--target-modules", default=None,
-                      help="comma-separated module names, a regex, or all-linear (default query,value)")
+                      help="comma-separated module names, a regex, or all-linear (the default)")
     lora.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
     lora.add_argument("--init", default=None, choices=["default", "gaussian", "pissa"], help="LoRA initialisation")
     lora.add_argument("--bias", default=None, choices=["none", "all", "lora_only"], help="train biases too")
@@ -73,7 +73,7 @@ def _add_train_parser(commands) -> None:
     freeze.add_argument("--train-layernorm", action="store_true", default=None, help="also train every LayerNorm")
 
     loop = parser.add_argument_group("training")
-    loop.add_argument("--epochs", type=float, default=3)
+    loop.add_argument("--epochs", type=float, default=2)
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     loop.add_argument("--batch-size", type=int, default=32)
     loop.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")

@@ -1,0 +1,199 @@
+"""LoRA against full fine-tuning with the same training budget, both trained by `peftkit train`.
+
+    python benchmarks/lora_vs_full.py                     # minilm / sst2, 3 epochs each
+    python benchmarks/lora_vs_full.py --epochs 1          # shorter
+    python benchmarks/lora_vs_full.py --max-steps 50 --max-eval-examples 200   # a smoke run
+    python benchmarks/lora_vs_full.py --json benchmarks/results/lora_vs_full.json
+
+Each method runs as its own `peftkit train --method M` subprocess, one after the other (never at
+once: on a small CPU machine they would slow each other down), with the same task, data, epochs or
+steps, batch size, schedule and seed. Each uses its method's default learning rate unless
+`--lora-lr` / `--full-lr` is given; LoRA is r=8 on query,value (`--r`, `--targets` change it).
+Accuracy is the best evaluated epoch's on the validation split, for both methods alike (the weights
+each run keeps). Peak memory is each process's resident-set high-water mark (`wait4`); steps/s
+counts training steps only (evaluation and saving excluded).
+
+Target (the issue): LoRA r=8 on query,value within 1.5 accuracy points of full fine-tuning.
+Prints a markdown table, the gap and PASS/FAIL; exits 0 either way (1 only if a run fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_GAP_POINTS = 1.5
+
+
+def peftkit_command() -> list[str]:
+    """The `peftkit` console script of this Python (a venv's bin), else the one on PATH."""
+    script = Path(sys.executable).parent / "peftkit"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("peftkit")
+    return [found] if found else [sys.executable, "-m", "peftkit.cli"]
+
+
+def run_measured(command: list[str], log_path: Path) -> tuple[float, float, int]:
+    """Run `command` with output to `log_path`: (wall seconds, peak RSS MiB, exit code)."""
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)  # ru_maxrss: KiB on Linux
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def train_method(method: str, args, workdir: Path) -> dict:
+    output_dir = workdir / f"{args.model}-{args.task}-{method}"
+    command = peftkit_command() + [
+        "train", "--method", method, "--model", args.model, "--task", args.task,
+        "--output-dir", str(output_dir), "--batch-size", str(args.batch_size),
+        "--seed", str(args.seed), "--no-progress",
+    ]
+    command += ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+    if args.max_train_examples:
+        command += ["--max-train-examples", str(args.max_train_examples)]
+    if args.max_eval_examples:
+        command += ["--max-eval-examples", str(args.max_eval_examples)]
+    learning_rate = args.lora_lr if method == "lora" else args.full_lr
+    if learning_rate is not None:
+        command += ["--lr", str(learning_rate)]
+    if method == "lora":
+        command += ["--r", str(args.r), "--target-modules", args.targets]
+        if args.dropout is not None:
+            command += ["--dropout", str(args.dropout)]
+    log_path = workdir / f"{method}.log"
+    shown = " ".join(command[1:])
+    print(f"running: peftkit {shown}  (log: {log_path})", flush=True)
+    wall, peak_rss_mb, code = run_measured(command, log_path)
+    if code != 0:
+        print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+        raise SystemExit(f"`peftkit train --method {method}` failed with exit code {code}")
+
+    job = json.loads((output_dir / "job.json").read_text())
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    train_only_s = metrics["examples_seen"] / metrics["examples_per_second"] if metrics["examples_per_second"] else None
+    config_path = output_dir / "adapter" / "adapter_config.json"
+    used_lr = learning_rate
+    if used_lr is None:
+        from peftkit.train.job import default_learning_rate
+
+        used_lr = default_learning_rate(method)
+    return {
+        "method": method,
+        "command": "peftkit " + shown,
+        "learning_rate": used_lr,
+        "config": json.loads(config_path.read_text()) if config_path.is_file() else None,
+        "validation_accuracy": job["validation_accuracy"],
+        "best_step": metrics["best_step"],
+        "evaluations": [
+            {"epoch": h["epoch"], "step": h["step"], "accuracy": h["eval"]["accuracy"]}
+            for h in metrics["history"] if h.get("eval")
+        ],
+        "trainable_parameters": job["trainable_parameters"],
+        "total_parameters": job["total_parameters"],
+        "trainable_share": job["trainable_share"],
+        "saved_bytes": job["adapter_bytes"],
+        "steps": job["steps"],
+        "epochs": metrics["epochs"],
+        "train_loop_time_s": job["train_time_s"],
+        "train_steps_time_s": train_only_s,
+        "steps_per_second": job["steps"] / train_only_s if train_only_s else None,
+        "process_wall_time_s": wall,
+        "peak_rss_mb": peak_rss_mb,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps for both; overrides --epochs")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lora-lr", type=float, default=None, help="default: peftkit's LoRA default")
+    parser.add_argument("--full-lr", type=float, default=None, help="default: peftkit's full fine-tuning default")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--targets", default="query,value")
+    parser.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default: peftkit's, 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--methods", default="lora,full", help="comma-separated, run in this order")
+    parser.add_argument("--workdir", default=None, help="folder for the runs (default: temporary, removed)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    temporary = None
+    if args.workdir is None:
+        temporary = tempfile.TemporaryDirectory(prefix="peftkit-lora-vs-full-")
+        workdir = Path(temporary.name)
+    else:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    rows = [train_method(method.strip(), args, workdir) for method in args.methods.split(",") if method.strip()]
+    budget = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epochs"
+
+    lines = [
+        f"{args.model} / {args.task}, {budget} each, batch {args.batch_size}, seed {args.seed}, linear schedule with "
+        "6% warmup; accuracy on the validation split at the best evaluated epoch (the weights each run keeps); "
+        f"train time excludes start-up, steps/s counts training steps only; {os.cpu_count()} CPUs, one run at a time.",
+        "",
+        "| method | learning rate | validation accuracy | trainable parameters | trainable % | saved file(s) "
+        "| train time | steps/s | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        name = row["method"] if row["method"] != "lora" else f"LoRA r={args.r} on {args.targets}"
+        name = "full fine-tuning" if row["method"] == "full" else name
+        saved = "whole model" if row["method"] == "full" else "adapter"
+        lines.append(
+            f"| {name} | {row['learning_rate']:g} | {100 * row['validation_accuracy']:.2f}% "
+            f"| {row['trainable_parameters']:,d} | {100 * row['trainable_share']:.2f}% "
+            f"| {human_bytes(row['saved_bytes'])} ({saved}) | {row['train_loop_time_s']:.0f} s "
+            f"| {row['steps_per_second']:.2f} | {row['peak_rss_mb']:,.0f} MiB |"
+        )
+
+    result = {"command": "python benchmarks/lora_vs_full.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+              "measured_at": time.strftime("%Y-%m-%d")}
+    by_method = {row["method"]: row for row in rows}
+    if "lora" in by_method and "full" in by_method:
+        gap = 100 * (by_method["full"]["validation_accuracy"] - by_method["lora"]["validation_accuracy"])
+        passed = gap <= TARGET_GAP_POINTS
+        result["gap_points"] = gap
+        result["target"] = {"max_gap_points": TARGET_GAP_POINTS, "pass": passed}
+        lines += ["", f"Gap (full fine-tuning minus LoRA): {gap:+.2f} points.", "",
+                  f"- {'PASS' if passed else 'FAIL'}: LoRA within {TARGET_GAP_POINTS} points of full fine-tuning"]
+    markdown = "\n".join(lines)
+    print()
+    print(markdown)
+    result.update({"markdown": markdown, "model": args.model, "task": args.task, "budget": budget,
+                   "batch_size": args.batch_size, "seed": args.seed, "cpu_count": os.cpu_count(), "runs": rows})
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if temporary is not None:
+        temporary.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
