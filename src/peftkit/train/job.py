@@ -119,7 +119,11 @@ def train_classifier(
     evaluation = data.validation or data.test
     base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
     peft_config = config or method_config(method, **(method_options or {}))
-    wrapped = get_peft_model(base, peft_config)
+    # The adapter's initialization (LoRA's A) draws from the global torch RNG: seed it, so that a job
+    # is repeatable given `seed`, without touching the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(base, peft_config)
 
     train_examples = data.train[:max_train_examples] if max_train_examples else data.train
     eval_examples = (evaluation[:max_eval_examples] if max_eval_examples else evaluation) if evaluation else None
