@@ -93,11 +93,14 @@ def test_real_minilm_train_eval_predict_inspect_merge(tmp_path):
                      "--epochs", "1", "--batch-size", "32", "--no-progress")
     assert "validation accuracy" in result.stdout
     adapter = run / "adapter"
-    assert (adapter / "adapter_model.safetensors").stat().st_size < 400_000  # r=8 on query,value + head
+    job = json.loads((run / "job.json").read_text())
+    # float32 tensors plus a small header: the file is the trainable parameters, nothing else
+    assert job["adapter_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size < 4 * job["trainable_parameters"] + 50_000
+    assert job["trainable_share"] < 0.02
     evaluation = json.loads(peftkit("eval", adapter, "--max-examples", "64", "--json").stdout)
     assert evaluation["examples"] == 64 and 0.0 <= evaluation["accuracy"] <= 1.0
-    inspect = peftkit("inspect", adapter).stdout
-    assert "LORA" in inspect and "attention.self.query" in inspect
+    inspect = json.loads(peftkit("inspect", adapter, "--json").stdout)
+    assert inspect["peft_type"] == "LORA" and "bert.encoder.layer.0.attention.self.query" in inspect["modules"]
     merged = tmp_path / "merged"
     peftkit("merge", adapter, "--output", merged)
     texts = ["a gripping , funny and moving film", "dull , lifeless and far too long"]
