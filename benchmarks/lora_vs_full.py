@@ -2,13 +2,19 @@
 
     python benchmarks/lora_vs_full.py                     # minilm / sst2, 3 epochs each
     python benchmarks/lora_vs_full.py --epochs 1          # shorter
-    python benchmarks/lora_vs_full.py --max-steps 50 --max-eval-examples 200   # a smoke run
+    python benchmarks/lora_vs_full.py --max-steps 50 --max-train-examples 1600 --max-eval-examples 200  # smoke
+    python benchmarks/lora_vs_full.py --lora-lr 1e-3,2e-3 --full-lr 5e-5,1e-4   # a small grid per method
     python benchmarks/lora_vs_full.py --json benchmarks/results/lora_vs_full.json
 
-Each method runs as its own `peftkit train --method M` subprocess, one after the other (never at
-once: on a small CPU machine they would slow each other down), with the same task, data, epochs or
-steps, batch size, schedule and seed. Each uses its method's default learning rate unless
-`--lora-lr` / `--full-lr` is given; LoRA is r=8 on query,value (`--r`, `--targets` change it).
+Each run is its own `peftkit train --method M` subprocess, one after the other (never at once: on a
+small CPU machine they would slow each other down), with the same task, data, epochs or steps,
+batch size, schedule (linear, 6% warmup) and seed. LoRA is r=8 on query,value (`--r`, `--targets`
+change it), not peftkit's default all-linear. Learning rates: LoRA 2e-3, full fine-tuning 1e-4 by
+default, each the better of two tried on minilm / sst2 over 3 epochs (seed 0): LoRA on query,value
+86.81% at 1e-3 and 87.39% at 2e-3, full fine-tuning 88.19% at 5e-5 and 88.53% at 1e-4. Given
+comma-separated rates, every one runs and each method is represented by its best run, so neither
+side is tuned more than the other.
+
 Accuracy is the best evaluated epoch's on the validation split, for both methods alike (the weights
 each run keeps). Peak memory is each process's resident-set high-water mark (`wait4`); steps/s
 counts training steps only (evaluation and saving excluded).
@@ -59,28 +65,35 @@ def human_bytes(count: float) -> str:
     return str(count)
 
 
-def train_method(method: str, args, workdir: Path) -> dict:
-    output_dir = workdir / f"{args.model}-{args.task}-{method}"
+def learning_rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not rates:
+        raise argparse.ArgumentTypeError("give at least one learning rate")
+    return rates
+
+
+def train_method(method: str, learning_rate: float, args, workdir: Path) -> dict:
+    output_dir = workdir / f"{args.model}-{args.task}-{method}-lr{learning_rate:g}"
     command = peftkit_command() + [
         "train", "--method", method, "--model", args.model, "--task", args.task,
-        "--output-dir", str(output_dir), "--batch-size", str(args.batch_size),
+        "--output-dir", str(output_dir), "--batch-size", str(args.batch_size), "--lr", f"{learning_rate:g}",
         "--seed", str(args.seed), "--no-progress",
     ]
-    command += ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+    command += ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", f"{args.epochs:g}"]
     if args.max_train_examples:
         command += ["--max-train-examples", str(args.max_train_examples)]
     if args.max_eval_examples:
         command += ["--max-eval-examples", str(args.max_eval_examples)]
-    learning_rate = args.lora_lr if method == "lora" else args.full_lr
-    if learning_rate is not None:
-        command += ["--lr", str(learning_rate)]
     if method == "lora":
         command += ["--r", str(args.r), "--target-modules", args.targets]
         if args.dropout is not None:
-            command += ["--dropout", str(args.dropout)]
-    log_path = workdir / f"{method}.log"
-    shown = " ".join(command[1:])
-    print(f"running: peftkit {shown}  (log: {log_path})", flush=True)
+            command += ["--dropout", f"{args.dropout:g}"]
+    log_path = workdir / f"{output_dir.name}.log"
+    shown = "peftkit " + " ".join(command[1:])
+    print(f"running: {shown}  (log: {log_path})", flush=True)
     wall, peak_rss_mb, code = run_measured(command, log_path)
     if code != 0:
         print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
@@ -90,20 +103,16 @@ def train_method(method: str, args, workdir: Path) -> dict:
     metrics = json.loads((output_dir / "metrics.json").read_text())
     train_only_s = metrics["examples_seen"] / metrics["examples_per_second"] if metrics["examples_per_second"] else None
     config_path = output_dir / "adapter" / "adapter_config.json"
-    used_lr = learning_rate
-    if used_lr is None:
-        from peftkit.train.job import default_learning_rate
-
-        used_lr = default_learning_rate(method)
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
     return {
         "method": method,
-        "command": "peftkit " + shown,
-        "learning_rate": used_lr,
-        "config": json.loads(config_path.read_text()) if config_path.is_file() else None,
+        "command": shown,
+        "learning_rate": learning_rate,
+        "lora_dropout": config.get("lora_dropout") if config and method == "lora" else None,
         "validation_accuracy": job["validation_accuracy"],
         "best_step": metrics["best_step"],
         "evaluations": [
-            {"epoch": h["epoch"], "step": h["step"], "accuracy": h["eval"]["accuracy"]}
+            {"epoch": h["epoch"], "step": h["step"], "accuracy": h["eval"]["accuracy"], "train_loss": h["train_loss"]}
             for h in metrics["history"] if h.get("eval")
         ],
         "trainable_parameters": job["trainable_parameters"],
@@ -117,6 +126,7 @@ def train_method(method: str, args, workdir: Path) -> dict:
         "steps_per_second": job["steps"] / train_only_s if train_only_s else None,
         "process_wall_time_s": wall,
         "peak_rss_mb": peak_rss_mb,
+        "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -127,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps for both; overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lora-lr", type=float, default=None, help="default: peftkit's LoRA default")
-    parser.add_argument("--full-lr", type=float, default=None, help="default: peftkit's full fine-tuning default")
+    parser.add_argument("--lora-lr", type=learning_rates, default=[2e-3], help="comma-separated (default 2e-3)")
+    parser.add_argument("--full-lr", type=learning_rates, default=[1e-4], help="comma-separated (default 1e-4)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--targets", default="query,value")
     parser.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default: peftkit's, 0)")
@@ -148,8 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
 
-    rows = [train_method(method.strip(), args, workdir) for method in args.methods.split(",") if method.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = [
+        train_method(method, rate, args, workdir)
+        for method in methods
+        for rate in (args.lora_lr if method == "lora" else args.full_lr)
+    ]
     budget = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epochs"
+    best = {}
+    for row in rows:
+        if row["method"] not in best or row["validation_accuracy"] > best[row["method"]]["validation_accuracy"]:
+            best[row["method"]] = row
 
     lines = [
         f"{args.model} / {args.task}, {budget} each, batch {args.batch_size}, seed {args.seed}, linear schedule with "
@@ -161,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        name = row["method"] if row["method"] != "lora" else f"LoRA r={args.r} on {args.targets}"
-        name = "full fine-tuning" if row["method"] == "full" else name
+        if row["method"] == "lora":
+            name = f"LoRA r={args.r} on {args.targets}"
+        else:
+            name = "full fine-tuning" if row["method"] == "full" else row["method"]
         saved = "whole model" if row["method"] == "full" else "adapter"
         lines.append(
             f"| {name} | {row['learning_rate']:g} | {100 * row['validation_accuracy']:.2f}% "
@@ -173,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"command": "python benchmarks/lora_vs_full.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
               "measured_at": time.strftime("%Y-%m-%d")}
-    by_method = {row["method"]: row for row in rows}
-    if "lora" in by_method and "full" in by_method:
-        gap = 100 * (by_method["full"]["validation_accuracy"] - by_method["lora"]["validation_accuracy"])
+    if "lora" in best and "full" in best:
+        gap = 100 * (best["full"]["validation_accuracy"] - best["lora"]["validation_accuracy"])
         passed = gap <= TARGET_GAP_POINTS
         result["gap_points"] = gap
         result["target"] = {"max_gap_points": TARGET_GAP_POINTS, "pass": passed}
-        lines += ["", f"Gap (full fine-tuning minus LoRA): {gap:+.2f} points.", "",
+        several = len(rows) > 2
+        lines += ["", f"Gap (full fine-tuning minus LoRA{', best run of each' if several else ''}): {gap:+.2f} points.", "",
                   f"- {'PASS' if passed else 'FAIL'}: LoRA within {TARGET_GAP_POINTS} points of full fine-tuning"]
     markdown = "\n".join(lines)
     print()
