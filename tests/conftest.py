@@ -37,7 +37,22 @@ def tiny_llama(seed=0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_vit(num_labels=3, seed=0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
+    return ViTForImageClassification(config).eval()
+
+
 TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture
+def pixel_values():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(2, 3, 16, 16, generator=generator)
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ from peftkit import io
 from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import full, method_for
-from peftkit.methods.base import AdaptedModule, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper
+from peftkit.methods.base import (
+    AdaptedModule, Attached, ModelAdapter, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper,
+)
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, describe_module_names, name_matches
 
 
@@ -54,6 +56,9 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self._inference_only: set[str] = set()
         self._targets: dict[str, list[str]] = {}  # adapter -> module paths its method adapts
+        # adapter -> state of the whole model (virtual tokens, prefixes, shared projections)
+        self.model_adapters = nn.ModuleDict()
+        self._disabled = False
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -65,7 +70,41 @@ class PeftModel(nn.Module):
             return getattr(super().__getattr__("base_model"), name)
 
     def forward(self, *args, **kwargs):
+        owner = self._intercepting_adapter()
+        if owner is not None:
+            return owner(self.base_model, *args, **kwargs)
         return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        owner = self._intercepting_adapter()
+        if owner is not None:
+            if args:
+                kwargs = {"input_ids": args[0], **kwargs}
+            return owner.generate(self.base_model, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
+
+    def _intercepting_adapter(self) -> ModelAdapter | None:
+        """The active model-level adapter that runs the base model itself (prompt/prefix), if any."""
+        if self._disabled:
+            return None
+        for name in self._active:
+            owner = self.model_adapters[name] if name in self.model_adapters else None
+            if owner is not None and owner.intercepts_forward:
+                return owner
+        return None
+
+    # -- training hooks (called by peftkit.train; call them yourself in your own loop) -------------
+    def prepare_training(self, batches) -> None:
+        """Let the active adapters look at a few training batches first (sparse fine-tuning picks its weights)."""
+        for name in self._active:
+            if name in self.model_adapters and name not in self._inference_only:
+                self.model_adapters[name].prepare_training(self.base_model, batches)
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Call after each optimizer step, before zero_grad (adaptive-rank LoRA reallocates its ranks)."""
+        for name in self._active:
+            if name in self.model_adapters and name not in self._inference_only:
+                self.model_adapters[name].on_optimizer_step(step, total_steps)
 
     @property
     def is_full_finetune(self) -> bool:
@@ -101,7 +140,12 @@ class PeftModel(nn.Module):
         method = method_for(peft_config)
         try:
             saved = self._attach_modules_to_save(peft_config, adapter_name)
-            self._targets[adapter_name] = method.add_adapter(self.base_model, peft_config, adapter_name, skip=saved)
+            attached = method.add_adapter(self.base_model, peft_config, adapter_name, skip=saved)
+            if not isinstance(attached, Attached):
+                attached = Attached(targets=list(attached))
+            self._targets[adapter_name] = attached.targets
+            if attached.model_adapter is not None:
+                self.model_adapters[adapter_name] = attached.model_adapter.to(device=_device_of(self.base_model))
         except BaseException:
             self._detach(adapter_name)
             raise
@@ -137,6 +181,12 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require_adapter(name)
+        intercepting = [n for n in names if n in self.model_adapters and self.model_adapters[n].intercepts_forward]
+        if len(intercepting) > 1:
+            raise PeftkitError(
+                f"adapters {intercepting} each run the base model with their own virtual tokens or prefixes; "
+                "only one of them can be active at a time"
+            )
         self._active = names
         self._apply_active_state()
 
@@ -147,6 +197,10 @@ class PeftModel(nn.Module):
                 trainable = name in self._active and name not in self._inference_only
                 for parameter in delta.parameters():
                     parameter.requires_grad_(trainable)
+        for name, owner in self.model_adapters.items():
+            trainable = name in self._active and name not in self._inference_only
+            for parameter in owner.parameters():
+                parameter.requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require_adapter(adapter_name)
@@ -168,6 +222,8 @@ class PeftModel(nn.Module):
                 del module.adapters[adapter_name]
             if len(module.adapters) == 0:
                 remove_wrapper(self.base_model, path, module.base_layer)
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
 
     def _require_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -184,9 +240,11 @@ class PeftModel(nn.Module):
             raise PeftkitError("an adapter is merged into the base weights; call unmerge_adapter() before disable_adapter()")
         for module in modules:
             module.disabled = True
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             for module in modules:
                 module.disabled = False
 
@@ -196,6 +254,9 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for name in names:
             self._require_adapter(name)
+            owner = self.model_adapters[name] if name in self.model_adapters else None
+            if owner is not None and not owner.mergeable:
+                raise PeftkitError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged: {owner.merge_refusal}")
         self._refuse_tied_merge(names)
         for _, module in adapted_modules(self.base_model):
             for name in names:
@@ -240,6 +301,7 @@ class PeftModel(nn.Module):
         for path, module in reversed(list(adapted_modules(self.base_model))):
             remove_wrapper(self.base_model, path, module.base_layer)
         self.peft_config.clear()
+        self.model_adapters = nn.ModuleDict()
         self._active = []
         return self.base_model
 
@@ -273,6 +335,8 @@ class PeftModel(nn.Module):
                 continue
             for suffix, tensor in delta.file_tensors(module.base_layer).items():
                 tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+        if adapter_name in self.model_adapters:
+            tensors.update(self.model_adapters[adapter_name].file_tensors())
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> list[str]:
@@ -363,6 +427,9 @@ class PeftModel(nn.Module):
             own = {k[len(prefix):]: v for k, v in file_tensors.items() if k.startswith(prefix) and k[len(prefix):] in
                    module.adapters[adapter_name].file_tensors(module.base_layer)}
             module.adapters[adapter_name].load_file_tensors(own, module.base_layer, where=prefix.rstrip("."))
+        if adapter_name in self.model_adapters:
+            owner = self.model_adapters[adapter_name]
+            owner.load_file_tensors({k: file_tensors[k] for k in owner.file_tensors()}, where=path)
         if not is_trainable:
             self._inference_only.add(adapter_name)
         self._apply_active_state()
@@ -371,6 +438,12 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze `model` and attach a new adapter described by `peft_config`; returns the wrapped model."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _base_model_id(model: nn.Module) -> str | None:

@@ -12,6 +12,7 @@ to the Hugging Face `peft` key suffixes (`lora_A.weight`, `base_layer.bias`, ...
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ class AdapterDelta(nn.Module):
 
     replaces_base = False
     mergeable = True
+    # Why merging cannot work, said to the user when mergeable is False.
+    merge_refusal = ""
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -154,6 +157,61 @@ class ReplacementDelta(AdapterDelta):
         self.module.load_state_dict({k: tensors[k] for k in self.file_tensors(base_layer)})
 
 
+class ModelAdapter(nn.Module):
+    """Adapter state that belongs to the whole model rather than to one module.
+
+    Prompt tuning's virtual tokens, prefix tuning's key/value prefixes and VeRA's shared random
+    projections live here; a method's `add_adapter` returns one inside `Attached`. The wrapper
+    saves and loads its tensors next to the per-module ones and calls its hooks:
+
+    - `intercepts_forward`: `forward(model, *args, **kwargs)` runs the base `model` itself (to add
+      virtual tokens or a key/value prefix); `generate(model, **kwargs)` does the same for generation.
+    - `prepare_training(model, batches)`: once before training, with a few training batches (sparse
+      fine-tuning picks its weights here); `on_optimizer_step(step, total_steps)`: after every
+      optimizer step, before gradients are cleared (adaptive rank reallocates here).
+    """
+
+    mergeable = True
+    # Why merging cannot work, said to the user when mergeable is False.
+    merge_refusal = ""
+    intercepts_forward = False
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their full key in a peft file (e.g. "prompt_embeddings")."""
+        return {}
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy tensors read from `where` into this adapter; `tensors` has the keys of `file_tensors`."""
+        own = self.file_tensors()
+        for key, target in own.items():
+            check_shape(f"{where}: {key}", tensors[key], target)
+        self._assign_file_tensors(tensors)
+
+    def _assign_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.file_tensors():  # pragma: no cover
+            raise NotImplementedError
+
+    def forward(self, model: nn.Module, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare_training(self, model: nn.Module, batches) -> None:
+        """Called once before training with an iterable of training batches (dicts for model(**batch))."""
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after optimizer step `step` (1-based) of `total_steps`, before gradients are cleared."""
+
+
+@dataclasses.dataclass
+class Attached:
+    """What a method's `add_adapter` attached: the module paths it adapts, and model-level state."""
+
+    targets: list[str]
+    model_adapter: ModelAdapter | None = None
+
+
 class AdaptedModule(nn.Module):
     """A module with adapters: `base_layer` (frozen) plus one delta per adapter name."""
 
@@ -194,7 +252,9 @@ class AdaptedModule(nn.Module):
             return
         delta = self.adapters[adapter_name]
         if not delta.mergeable:
-            raise PeftkitError(f"adapter {adapter_name!r} cannot be merged into {type(self.base_layer).__name__}")
+            raise PeftkitError(
+                f"adapter {adapter_name!r} cannot be merged into {type(self.base_layer).__name__}: {delta.merge_refusal}"
+            )
         delta.merge(self.base_layer)
         self.merged_adapters.append(adapter_name)
 

@@ -232,6 +232,13 @@ def train(
         "num_train_examples": len(train_data),
     }
 
+    # Methods that choose what to train from data (sparse fine-tuning) look at a few batches first;
+    # before a resumed checkpoint is loaded, so they choose exactly as the interrupted run did.
+    prepare_training = getattr(model, "prepare_training", None)
+    if callable(prepare_training):
+        prepare_training(_first_batches(train_data, args, collate_fn, accelerator))
+    step_hook = getattr(model, "on_optimizer_step", None)
+
     resume_from: Path | None = None
     state = _Progress()
     if args.resume:
@@ -400,6 +407,8 @@ def train(
             prepared_optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
+            if callable(step_hook):  # adaptive-rank LoRA reads the gradients here, before they are cleared
+                step_hook(state.step + 1, total_steps)
             prepared_optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="sum")
@@ -568,6 +577,14 @@ def _process_slice(global_indices: Sequence[int], rank: int, world: int) -> list
     """This process's contiguous share of a global batch (sizes differ by at most one)."""
     n = len(global_indices)
     return list(global_indices[rank * n // world : (rank + 1) * n // world])
+
+
+def _first_batches(train_data, args: TrainingArguments, collate_fn, accelerator: Accelerator):
+    """Training batches in a seed-fixed order, the same on every process, made as they are read."""
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_data), generator=generator).tolist()
+    for start in range(0, len(order), args.batch_size):
+        yield _collate(collate_fn, [train_data[i] for i in order[start:start + args.batch_size]], accelerator)
 
 
 def _collate(collate_fn, examples: list, accelerator: Accelerator) -> dict[str, torch.Tensor]:
