@@ -44,6 +44,9 @@ def test_no_arguments_prints_help_and_fails():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--method", "bitfit", "--r", "3"], "--r does not apply to --method bitfit"),
+    (["train", "--method", "lora", "--set", "budget=0.1"], "--method lora has no field 'budget'; its fields:"),
+    (["train", "--method", "lora", "--set", "r"], "write FIELD=VALUE"),
+    (["train", "--method", "lora", "--set", "r=-2"], "LoraConfig.r must be a positive integer"),
     (["train", "--model", "no-such-model"], "no-such-model"),
     (["train", "--task", "no-such-task"], "Built-in tasks are: cr"),
     (["inspect", "does/not/exist"], "is not a folder"),

@@ -96,7 +96,7 @@ def test_corrupt_and_truncated_files(tmp_path):
     ({"rank": 4}, "unknown field 'rank' for LoraConfig; known fields: .*lora_alpha"),
     ({"r": "four"}, "LoraConfig.r must be int"),
     ({"peft_type": "MAGIC"}, "unknown peft_type 'MAGIC'; peftkit knows: .*LORA"),
-    ({"use_dora": True}, "use_dora=True asks for a LoraConfig feature that peftkit does not support"),
+    ({"lora_bias": True}, "lora_bias=True asks for a LoraConfig feature that peftkit does not support"),
 ])
 def test_bad_config_files(tmp_path, change, message):
     model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))

@@ -57,20 +57,22 @@ def _add_train_parser(commands) -> None:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
 
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--r", type=int, default=None, help="rank (default 8)")
-    lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 16)")
-    lora.add_argument("--dropout", type=float, default=None, help="lora_dropout (default 0)")
-    lora.add_argument("--target-modules", default=None,
-                      help="comma-separated module names, a regex, or all-linear (the default)")
-    lora.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
-    lora.add_argument("--init", default=None, choices=["default", "gaussian", "pissa"], help="LoRA initialisation")
-    lora.add_argument("--bias", default=None, choices=["none", "all", "lora_only"], help="train biases too")
-
-    freeze = parser.add_argument_group("layer freezing")
-    freeze.add_argument("--layers", type=_int_list, default=None, help="block indices to train, e.g. 4,5")
-    freeze.add_argument("--last-k", type=int, default=None, help="train the last k blocks (default 2)")
-    freeze.add_argument("--train-layernorm", action="store_true", default=None, help="also train every LayerNorm")
+    common = parser.add_argument_group(
+        "method options", "each applies to the methods whose config has the field; --set reaches any config field")
+    common.add_argument("--r", type=int, default=None, help="rank: r of LoRA, DoRA, VeRA, LoHa, LoKr (default 8)")
+    common.add_argument("--alpha", type=float, default=None, help="lora_alpha / alpha (default 16)")
+    common.add_argument("--dropout", type=float, default=None, help="lora_dropout / vera_dropout / dropout (default 0)")
+    common.add_argument("--target-modules", default=None,
+                        help="comma-separated module names, a regex, or all-linear (the default)")
+    common.add_argument("--use-rslora", action="store_true", default=None, help="LoRA: scale by alpha/sqrt(r)")
+    common.add_argument("--init", default=None, choices=["default", "gaussian", "pissa"], help="LoRA initialisation")
+    common.add_argument("--bias", default=None, choices=["none", "all", "lora_only"], help="train biases too")
+    common.add_argument("--layers", type=_int_list, default=None, help="freeze: block indices to train, e.g. 4,5")
+    common.add_argument("--last-k", type=int, default=None, help="freeze: train the last k blocks (default 2)")
+    common.add_argument("--train-layernorm", action="store_true", default=None, help="freeze: also train every LayerNorm")
+    common.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any field of the method's config, e.g. --set num_virtual_tokens=30 or "
+                             "--set budget=0.01; VALUE is read as JSON when it parses (numbers, true, [1,2]), else as text")
 
     loop = parser.add_argument_group("training")
     loop.add_argument("--epochs", type=float, default=2)
@@ -93,31 +95,55 @@ def _add_train_parser(commands) -> None:
     parser.set_defaults(handler=_train)
 
 
-def _method_options(args) -> dict:
-    options = {}
-    if args.method == "lora":
-        options = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.use_rslora, bias=args.bias)
-        if args.target_modules:
-            options["target_modules"] = _target_modules(args.target_modules)
-        if args.init:
-            options["init_lora_weights"] = True if args.init == "default" else args.init
-    elif args.method == "freeze":
-        options = dict(layers_to_train=args.layers, last_k=args.last_k, train_layernorm=args.train_layernorm)
-        if args.layers is not None:
-            options["last_k"] = None
-    given = {"--r": args.r, "--alpha": args.alpha, "--dropout": args.dropout, "--target-modules": args.target_modules,
-             "--init": args.init, "--bias": args.bias, "--use-rslora": args.use_rslora,
-             "--layers": args.layers, "--last-k": args.last_k, "--train-layernorm": args.train_layernorm}
-    wrong = [flag for flag, value in given.items() if value is not None and flag not in _FLAGS_OF.get(args.method, ())]
-    if wrong:
-        raise PeftkitError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --method {args.method}; it applies to: {', '.join(_FLAGS_OF.get(args.method, ())) or 'no method flag'}")
-    return options
-
-
-_FLAGS_OF = {
-    "lora": ("--r", "--alpha", "--dropout", "--target-modules", "--init", "--bias", "--use-rslora"),
-    "freeze": ("--layers", "--last-k", "--train-layernorm"),
+# flag -> the config fields it may set, first match wins (method configs name the same idea differently).
+_FLAG_FIELDS = {
+    "--r": ("r",), "--alpha": ("lora_alpha", "alpha"), "--dropout": ("lora_dropout", "vera_dropout", "dropout"),
+    "--target-modules": ("target_modules",), "--use-rslora": ("use_rslora",), "--init": ("init_lora_weights",),
+    "--bias": ("bias",), "--layers": ("layers_to_train",), "--last-k": ("last_k",), "--train-layernorm": ("train_layernorm",),
 }
+
+
+def _method_options(args) -> dict:
+    """The config fields the command line sets for args.method; a flag the method lacks is an error."""
+    import dataclasses
+
+    from peftkit.train.job import METHOD_DEFAULTS
+
+    fields = {f.name for f in dataclasses.fields(METHOD_DEFAULTS[args.method][0])}
+    values = {"--r": args.r, "--alpha": args.alpha, "--dropout": args.dropout, "--target-modules": args.target_modules,
+              "--use-rslora": args.use_rslora, "--init": args.init, "--bias": args.bias, "--layers": args.layers,
+              "--last-k": args.last_k, "--train-layernorm": args.train_layernorm}
+    if args.target_modules:
+        values["--target-modules"] = _target_modules(args.target_modules)
+    if args.init:
+        values["--init"] = True if args.init == "default" else args.init
+    options, wrong = {}, []
+    for flag, value in values.items():
+        if value is None:
+            continue
+        field = next((f for f in _FLAG_FIELDS[flag] if f in fields), None)
+        if field is None:
+            wrong.append(flag)
+        else:
+            options[field] = value
+    if wrong:
+        fitting = [flag for flag, names in _FLAG_FIELDS.items() if any(n in fields for n in names)]
+        raise PeftkitError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --method {args.method}; "
+                           f"it applies to: {', '.join(fitting) or 'no method flag'} (and --set FIELD=VALUE for any field)")
+    if args.layers is not None and "last_k" in fields:
+        options["last_k"] = None  # explicit layers replace the default last_k
+    for setting in args.settings:
+        field, sep, text = setting.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise PeftkitError(f"--set {setting!r}: write FIELD=VALUE, e.g. --set r=16")
+        if field not in fields:
+            raise PeftkitError(f"--set {field}: --method {args.method} has no field {field!r}; its fields: {', '.join(sorted(fields))}")
+        try:
+            options[field] = json.loads(text)
+        except json.JSONDecodeError:
+            options[field] = text
+    return options
 
 
 def _train(args) -> int:
@@ -141,7 +167,7 @@ def _train(args) -> int:
     if main_process:
         print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
     result = train_classifier(
-        args.model, args.task, args.method, output_dir, config=config, method_options={k: v for k, v in options.items() if v is not None or k == "last_k"},
+        args.model, args.task, args.method, output_dir, config=config, method_options=options,
         training=training, max_length=args.max_length, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
         seed=args.seed,
@@ -239,8 +265,14 @@ def _inspect(args) -> int:
     print(f"parameters   {report['parameters']:,d} in {report['tensors']} tensors ({report['dtype']})")
     print(f"file size    {_human_bytes(report['file_bytes'])}")
     print(f"modules      {len(report['modules'])}: " + ", ".join(report["modules"][:8]) + (" ..." if len(report["modules"]) > 8 else ""))
+    ranks = report.get("ranks", {})
+    if ranks and (len(set(ranks.values())) > 1 or report["peft_type"] == "ADALORA"):  # where AdaLoRA put its ranks
+        shown = ", ".join(f"{m}: {r}" for m, r in list(ranks.items())[:8])
+        print(f"ranks        {sum(ranks.values())} in total; {shown}" + (" ..." if len(ranks) > 8 else ""))
     print("config")
     for key, value in sorted(report["config"].items()):
+        if key == "rank_pattern" and isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
+            continue  # AdaLoRA's kept-triplet masks: the ranks line above sums them up
         if value not in (None, {}, [], False) or key in ("r", "lora_alpha"):
             print(f"  {key}: {value}")
     for name, sub in report.get("other_adapters", {}).items():

@@ -33,6 +33,9 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
         "file_bytes": (folder / io.WEIGHTS_NAME).stat().st_size,
         "modules": modules,
     }
+    ranks = _ranks(tensors)
+    if ranks:  # low-rank methods: the rank of each module (AdaLoRA's differ after allocation)
+        report["ranks"] = ranks
     others = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / io.CONFIG_NAME).is_file()):
         inner = inspect_adapter(sub)
@@ -42,12 +45,36 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
     return report
 
 
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.bias")
+# The first component of a file key that is an adapter tensor's own name, not part of the module path
+# (peft's names for every method it has, and peftkit's for bottleneck adapters and sparse fine-tuning).
+_TENSOR_NAMES = (
+    "lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ranknum",
+    "ia3_l", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "vera_lambda_b", "vera_lambda_d", "ln_tuning_layers", "adapter_down", "adapter_up",
+    "sparse_indices", "sparse_values", "base_layer", "modules_to_save",
+)
+
+
+# Tensors whose first dimension is the rank of their module's update (LoRA, AdaLoRA).
+_RANK_SUFFIXES = (".lora_A.weight", ".lora_A", ".lora_embedding_A")
+
+
+def _ranks(tensors: dict) -> dict[str, int]:
+    """{module path: rank} read from the shapes of the A factors."""
+    ranks = {}
+    for key, tensor in tensors.items():
+        name = key[len(io.KEY_PREFIX):] if key.startswith(io.KEY_PREFIX) else key
+        suffix = next((s for s in _RANK_SUFFIXES if name.endswith(s)), None)
+        if suffix is not None and tensor.dim() >= 1:
+            ranks[name[: -len(suffix)]] = int(tensor.shape[0])
+    return dict(sorted(ranks.items()))
 
 
 def _module_of(key: str) -> str:
     name = key[len(io.KEY_PREFIX):] if key.startswith(io.KEY_PREFIX) else key
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0]
+    parts = name.split(".")
+    for position, part in enumerate(parts):
+        if part in _TENSOR_NAMES and position > 0:
+            return ".".join(parts[:position])
+    return name.rsplit(".", 1)[0] if "." in name else name

@@ -149,7 +149,7 @@ class PeftModel(nn.Module):
         except BaseException:
             self._detach(adapter_name)
             raise
-        self.peft_config[adapter_name] = peft_config
+        self.peft_config[adapter_name] = attached.config or peft_config
         self._apply_active_state()
 
     def _with_task_defaults(self, config: PeftConfig) -> PeftConfig:
@@ -195,8 +195,8 @@ class PeftModel(nn.Module):
             module.active_adapters = list(self._active)
             for name, delta in module.adapters.items():
                 trainable = name in self._active and name not in self._inference_only
-                for parameter in delta.parameters():
-                    parameter.requires_grad_(trainable)
+                for parameter_name, parameter in delta.named_parameters():
+                    parameter.requires_grad_(trainable and parameter_name not in delta.frozen_parameters)
         for name, owner in self.model_adapters.items():
             trainable = name in self._active and name not in self._inference_only
             for parameter in owner.parameters():
@@ -257,6 +257,12 @@ class PeftModel(nn.Module):
             owner = self.model_adapters[name] if name in self.model_adapters else None
             if owner is not None and not owner.mergeable:
                 raise PeftkitError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged: {owner.merge_refusal}")
+        for path, module in adapted_modules(self.base_model):  # refuse before touching any weight
+            for name in names:
+                delta = module.adapters[name] if name in module.adapters else None
+                if delta is not None and not delta.mergeable and name not in module.merged_adapters:
+                    raise PeftkitError(f"adapter {name!r} cannot be merged into {path} "
+                                       f"({type(module.base_layer).__name__}): {delta.merge_refusal}")
         self._refuse_tied_merge(names)
         for _, module in adapted_modules(self.base_model):
             for name in names:
@@ -334,10 +340,14 @@ class PeftModel(nn.Module):
             if delta is None:
                 continue
             for suffix, tensor in delta.file_tensors(module.base_layer).items():
-                tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+                tensors[f"{self._module_key_prefix(adapter_name)}{path}.{suffix}"] = tensor
         if adapter_name in self.model_adapters:
             tensors.update(self.model_adapters[adapter_name].file_tensors())
         return tensors
+
+    def _module_key_prefix(self, adapter_name: str) -> str:
+        owner = self.model_adapters[adapter_name] if adapter_name in self.model_adapters else None
+        return getattr(owner, "module_key_prefix", None) or io.KEY_PREFIX
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> list[str]:
         """Write each adapter as adapter_config.json + adapter_model.safetensors (peft layout).
@@ -423,7 +433,7 @@ class PeftModel(nn.Module):
         for module_path, module in adapted_modules(self.base_model):
             if adapter_name not in module.adapters:
                 continue
-            prefix = f"{io.KEY_PREFIX}{module_path}."
+            prefix = f"{self._module_key_prefix(adapter_name)}{module_path}."
             own = {k[len(prefix):]: v for k, v in file_tensors.items() if k.startswith(prefix) and k[len(prefix):] in
                    module.adapters[adapter_name].file_tensors(module.base_layer)}
             module.adapters[adapter_name].load_file_tensors(own, module.base_layer, where=prefix.rstrip("."))

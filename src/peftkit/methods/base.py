@@ -31,6 +31,19 @@ class AdapterDelta(nn.Module):
     mergeable = True
     # Why merging cannot work, said to the user when mergeable is False.
     merge_refusal = ""
+    # True when the merged weight depends on the base weight itself (DoRA's weight norm): `merge` is
+    # then called with `unmerged_weight=`, the base weight without the adapters merged before it,
+    # which is the weight forward sees.
+    merge_reads_base_weight = False
+    # True when the delta changes the module's input rather than its output ((IA)3 on feed-forward
+    # layers scales the input): the wrapper calls `transform_input(x)` before the base layer runs.
+    transforms_input = False
+    # Names of parameters that never train (AdaLoRA's ranknum): counted in the model's size, as peft
+    # counts them, but left frozen when the adapter is made trainable.
+    frozen_parameters: tuple[str, ...] = ()
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -175,6 +188,9 @@ class ModelAdapter(nn.Module):
     # Why merging cannot work, said to the user when mergeable is False.
     merge_refusal = ""
     intercepts_forward = False
+    # Where the adapter's per-module tensors (modules_to_save) go in a peft file, when not under
+    # "base_model.model.": peft writes them under "base_model." for prompt-learning methods.
+    module_key_prefix: str | None = None
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed by their full key in a peft file (e.g. "prompt_embeddings")."""
@@ -210,6 +226,9 @@ class Attached:
 
     targets: list[str]
     model_adapter: ModelAdapter | None = None
+    # The config completed from the model (e.g. sizes read from its config), kept and saved in place
+    # of the one given; None keeps the given one.
+    config: object | None = None
 
 
 class AdaptedModule(nn.Module):
@@ -236,12 +255,14 @@ class AdaptedModule(nn.Module):
         if self.disabled:
             return self.base_layer(*args, **kwargs)
         running = [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+        x = args[0] if args else next(iter(kwargs.values()))
+        if any(d.transforms_input for d in running):
+            args, kwargs = _with_first_input(args, kwargs, running)
         replacement = next((d for d in running if d.replaces_base), None)
         if replacement is not None:
             output = replacement(*args, **kwargs)
         else:
             output = self.base_layer(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
         for delta in running:
             if not delta.replaces_base:
                 output = delta(x, output)
@@ -255,8 +276,28 @@ class AdaptedModule(nn.Module):
             raise PeftkitError(
                 f"adapter {adapter_name!r} cannot be merged into {type(self.base_layer).__name__}: {delta.merge_refusal}"
             )
-        delta.merge(self.base_layer)
+        unmerged_weight = None
+        if delta.merge_reads_base_weight:
+            unmerged_weight = self._weight_without_merged_adapters() if self.merged_adapters else self.base_layer.weight
+        self._merge_one(adapter_name, unmerged_weight)
+
+    def _merge_one(self, adapter_name: str, unmerged_weight: torch.Tensor | None) -> None:
+        delta = self.adapters[adapter_name]
+        if delta.merge_reads_base_weight:
+            delta.merge(self.base_layer, unmerged_weight=unmerged_weight)
+        else:
+            delta.merge(self.base_layer)
         self.merged_adapters.append(adapter_name)
+
+    def _weight_without_merged_adapters(self) -> torch.Tensor:
+        """A copy of the base weight with every merged adapter taken out; they are merged back after."""
+        merged = list(self.merged_adapters)
+        for name in reversed(merged):
+            self.unmerge(name)
+        weight = self.base_layer.weight.detach().clone()
+        for name in merged:  # all of them see this same weight, as in their own merge
+            self._merge_one(name, weight)
+        return weight
 
     def unmerge(self, adapter_name: str) -> None:
         if adapter_name not in self.merged_adapters:
@@ -266,6 +307,18 @@ class AdaptedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _with_first_input(args: tuple, kwargs: dict, deltas) -> tuple[tuple, dict]:
+    """args/kwargs with the first input passed through each input-transforming delta in turn."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    for delta in deltas:
+        if delta.transforms_input:
+            x = delta.transform_input(x)
+    if args:
+        return (x, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: x}
 
 
 def iter_base_modules(model: nn.Module, prefix: str = ""):

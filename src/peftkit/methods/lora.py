@@ -9,6 +9,11 @@ PiSSA here keeps the base untouched: the adapter computes s * (B A - B0 A0), whe
 frozen starting point, which is the same function and the same gradients as PiSSA's residual base
 W - s B0 A0, but leaves the base shared with other adapters. Saved files hold the equivalent plain
 LoRA of rank 2r, [B, -B0] [A; A0], which loads on the original base in peftkit and in `peft`.
+
+DoRA (`use_dora=True`, Liu et al., 2024) splits the adapted weight into a trained magnitude per
+output channel and a direction: W' = m * (W + s B A) / ||W + s B A||, with the norm treated as a
+constant in backward. Its math, dropout handling and file keys (`lora_magnitude_vector`) follow
+`peft`; DoRA on an embedding layer is refused at wrap time.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ class LoraConfig(PeftConfig):
     module overrides, keys are regexes matched against the end of the module path. bias: "none",
     "all" (train every bias) or "lora_only" (biases of adapted modules). init_lora_weights: True (B=0,
     A kaiming-uniform), "gaussian" (B=0, A normal), "pissa" (principal singular vectors), or False
-    (random A and B; only for tests: the model changes at once).
+    (random A and B; only for tests: the model changes at once). use_dora: weight-decomposed LoRA
+    (DoRA) on Linear, GPT-2 Conv1D and Conv2d layers, W' = m * (W + s B A) / ||W + s B A|| with a
+    trained magnitude m per output channel.
     """
 
     peft_type = "LORA"
     peft_neutral_fields = {
-        "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {},
+        "lora_bias": False, "layer_replication": None, "loftq_config": {},
         "megatron_config": None, "megatron_core": "megatron.core", "use_qalora": False,
         "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
         "ensure_weight_tying": False,
@@ -63,6 +70,7 @@ class LoraConfig(PeftConfig):
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | Literal["gaussian", "pissa"] = True
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def validate(self):
         if isinstance(self.target_modules, set):
@@ -135,13 +143,17 @@ class LoraLinearDelta(AdapterDelta):
 
     def forward(self, x, base_output):
         x = self.dropout(x.to(self.lora_A.dtype))
-        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
-        if self.pissa:
-            update = update - F.linear(F.linear(x, self.start_A) * self.scaling, self.start_B)
-        output = base_output + update.to(base_output.dtype)
+        output = base_output + self.update(x).to(base_output.dtype)
         if self.delta_bias is not None:
             output = output + self.delta_bias
         return output
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B A x for x (..., in_features) -> (..., out_features); dropout is the caller's."""
+        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        if self.pissa:
+            update = update - F.linear(F.linear(x, self.start_A) * self.scaling, self.start_B)
+        return update
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}" + (", pissa" if self.pissa else "")
@@ -224,14 +236,18 @@ class LoraConv2dDelta(AdapterDelta):
                 nn.init.normal_(self.lora_B, std=0.02)
 
     def forward(self, x, base_output):
-        if self.padding_mode != "zeros":
-            raise PeftkitError(f"LoRA on Conv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
         x = self.dropout(x.to(self.lora_A.dtype))
-        hidden = F.conv2d(x, self.lora_A, None, self.stride, self.padding, self.dilation)
-        output = base_output + (F.conv2d(hidden, self.lora_B) * self.scaling).to(base_output.dtype)
+        output = base_output + self.update(x).to(base_output.dtype)
         if self.delta_bias is not None:
             output = output + self.delta_bias.view(1, -1, 1, 1)
         return output
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B(A(x)) for x (batch, in, h, w) -> (batch, out, h', w'); dropout is the caller's."""
+        if self.padding_mode != "zeros":
+            raise PeftkitError(f"LoRA on Conv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        hidden = F.conv2d(x, self.lora_A, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(hidden, self.lora_B) * self.scaling
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, kernel={tuple(self.lora_A.shape[1:])}"
@@ -318,14 +334,179 @@ class LoraEmbeddingDelta(AdapterDelta):
         self.lora_embedding_B.copy_(tensors["lora_embedding_B"])
 
 
-def _delta_class(base_layer: nn.Module):
+class DoraLinearDelta(LoraLinearDelta):
+    """DoRA on nn.Linear or GPT-2 Conv1D: y = m * (W + s B A) x / ||W + s B A|| + bias.
+
+    The norm is taken per output channel (each row of W as (out_features, in_features)), and the
+    trained magnitude lora_magnitude_vector m: (out_features,) starts at that norm, so the adapter
+    starts where plain LoRA starts. As in the DoRA paper (section 4.3) and `peft`, the norm is a
+    constant for backward: gradients reach m and the direction through B A, not through the norm.
+    """
+
+    merge_reads_base_weight = True
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init, train_bias: bool):
+        super().__init__(base_layer, r, scaling, dropout, init, train_bias)
+        _remember_base_layer(self, base_layer)
+        with torch.no_grad():
+            norm = self._direction_norm(base_layer.weight)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(base_layer.weight.dtype))
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the base layer's layout as (out_features, in_features)."""
+        return weight.T if self.transposed else weight
+
+    def _direction_norm(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output channel: (out_features,), without gradient."""
+        combined = base_weight + self.delta_weight().detach().to(base_weight.dtype)
+        return torch.linalg.norm(self._rows(combined), dim=1).detach()
+
+    def forward(self, x, base_output):
+        base_layer = self._base_layer
+        x = x.to(self.lora_A.dtype)
+        factor = self.lora_magnitude_vector / self._direction_norm(base_layer.weight.to(x.dtype))
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # As in peft: with dropout the direction W x is recomputed on the dropped-out input, so that
+            # the base and low-rank parts of (W + s B A) x see the same x.
+            x = self.dropout(x)
+            direction = F.linear(x, self._rows(base_layer.weight).to(x.dtype))
+        else:
+            bias = getattr(base_layer, "bias", None)
+            direction = base_output if bias is None else base_output - bias
+        change = (factor - 1) * direction + factor * self.update(x)
+        output = base_output + change.to(base_output.dtype)
+        if self.delta_bias is not None:
+            output = output + self.delta_bias
+        return output
+
+    def _factor_in_layout(self, factor: torch.Tensor) -> torch.Tensor:
+        """The per-output factor (out_features,) shaped to scale the base weight in its own layout."""
+        return factor[None, :] if self.transposed else factor[:, None]
+
+    @torch.no_grad()
+    def merge(self, base_layer, unmerged_weight=None):
+        weight = base_layer.weight
+        reference = weight if unmerged_weight is None else unmerged_weight
+        factor = self.lora_magnitude_vector / self._direction_norm(reference)
+        # Kept for unmerge: the norm depends on the weight before merging, which is gone afterwards.
+        self._merged_factor = self._factor_in_layout(factor)
+        delta = self.delta_weight().to(weight.dtype)
+        weight.copy_((self._merged_factor * (weight + delta)).to(weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        weight = base_layer.weight
+        weight.copy_((weight / self._merged_factor - self.delta_weight().to(weight.dtype)).to(weight.dtype))
+        del self._merged_factor
+        if self.delta_bias is not None:
+            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
+
+    def file_tensors(self, base_layer):
+        return {**super().file_tensors(base_layer), "lora_magnitude_vector": self.lora_magnitude_vector.detach()}
+
+    @torch.no_grad()
+    def _assign_file_tensors(self, tensors, base_layer):
+        super()._assign_file_tensors(tensors, base_layer)
+        self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
+
+
+class DoraConv2dDelta(LoraConv2dDelta):
+    """DoRA on nn.Conv2d: y = conv(x, m * (W + s B A) / ||W + s B A||) + bias.
+
+    The norm is taken per output channel over (in, kh, kw); lora_magnitude_vector m: (out_channels,),
+    saved with peft's shape (1, out_channels, 1, 1). The norm is a constant for backward, as for Linear.
+    """
+
+    merge_reads_base_weight = True
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float, init, train_bias: bool):
+        super().__init__(base_layer, r, scaling, dropout, init, train_bias)
+        _remember_base_layer(self, base_layer)
+        self.groups = base_layer.groups
+        with torch.no_grad():
+            norm = self._direction_norm(base_layer.weight)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(base_layer.weight.dtype))
+
+    def _direction_norm(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output channel: (out_channels,), without gradient."""
+        combined = base_weight + self.delta_weight().detach().to(base_weight.dtype)
+        return torch.linalg.norm(combined.flatten(1), dim=1).detach()
+
+    def forward(self, x, base_output):
+        base_layer = self._base_layer
+        x = x.to(self.lora_A.dtype)
+        factor = (self.lora_magnitude_vector / self._direction_norm(base_layer.weight.to(x.dtype))).view(1, -1, 1, 1)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            x = self.dropout(x)  # the direction is recomputed on the dropped-out input, as in peft
+            direction = F.conv2d(x, base_layer.weight.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            bias = base_layer.bias
+            direction = base_output if bias is None else base_output - bias.view(1, -1, 1, 1)
+        change = (factor - 1) * direction + factor * self.update(x)
+        output = base_output + change.to(base_output.dtype)
+        if self.delta_bias is not None:
+            output = output + self.delta_bias.view(1, -1, 1, 1)
+        return output
+
+    @torch.no_grad()
+    def merge(self, base_layer, unmerged_weight=None):
+        weight = base_layer.weight
+        reference = weight if unmerged_weight is None else unmerged_weight
+        # Kept for unmerge: the norm depends on the weight before merging, which is gone afterwards.
+        self._merged_factor = (self.lora_magnitude_vector / self._direction_norm(reference)).view(-1, 1, 1, 1)
+        delta = self.delta_weight().to(weight.dtype)
+        weight.copy_((self._merged_factor * (weight + delta)).to(weight.dtype))
+        if self.delta_bias is not None:
+            base_layer.bias.add_(self.delta_bias)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        weight = base_layer.weight
+        weight.copy_((weight / self._merged_factor - self.delta_weight().to(weight.dtype)).to(weight.dtype))
+        del self._merged_factor
+        if self.delta_bias is not None:
+            base_layer.bias.sub_(self.delta_bias)
+
+    def file_tensors(self, base_layer):
+        magnitude = self.lora_magnitude_vector.detach().view(1, -1, 1, 1)
+        return {**super().file_tensors(base_layer), "lora_magnitude_vector": magnitude}
+
+    @torch.no_grad()
+    def _assign_file_tensors(self, tensors, base_layer):
+        super()._assign_file_tensors(tensors, base_layer)
+        self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"].flatten())
+
+
+def _remember_base_layer(delta: AdapterDelta, base_layer: nn.Module) -> None:
+    # DoRA's forward reads the base weight (for its norm). A plain attribute, not a submodule: the base
+    # layer's weights must not be listed, counted or saved as the adapter's own.
+    object.__setattr__(delta, "_base_layer", base_layer)
+
+
+def _delta_class(base_layer: nn.Module, use_dora: bool = False):
     if isinstance(base_layer, linear_types()):
-        return LoraLinearDelta
+        return DoraLinearDelta if use_dora else LoraLinearDelta
     if isinstance(base_layer, nn.Conv2d):
-        return LoraConv2dDelta
-    if isinstance(base_layer, nn.Embedding):
+        return DoraConv2dDelta if use_dora else LoraConv2dDelta
+    if isinstance(base_layer, nn.Embedding) and not use_dora:
         return LoraEmbeddingDelta
     return None
+
+
+def _refuse_dora_on_embeddings(model: nn.Module, targets: list[str]) -> None:
+    # peft's DoRA on an embedding normalises each embedding dimension over the whole vocabulary and
+    # rescales the output of any adapter that ran before it; peftkit leaves that variant out.
+    modules = dict(iter_base_modules(model))
+    embeddings = [name for name in targets if isinstance(modules[name], nn.Embedding)]
+    if embeddings:
+        raise PeftkitError(
+            f"use_dora=True cannot adapt {embeddings[0]!r} (an Embedding"
+            + (f", as are {embeddings[1:]}" if len(embeddings) > 1 else "")
+            + "): DoRA in peftkit supports Linear, GPT-2 Conv1D and Conv2d layers. Leave the embedding out of "
+            "target_modules (or exclude_modules it), or use plain LoRA (use_dora=False) for it in a second adapter."
+        )
 
 
 def supported_types() -> tuple[type, ...]:
@@ -339,13 +520,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, skip: l
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
         supported_types=supported_types(), task_type=config.task_type, skip=skip,
     )
+    if config.use_dora:
+        _refuse_dora_on_embeddings(model, targets)
     for name in targets:
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
         scaling = lora_scaling(alpha, r, config.use_rslora)
 
         def make(base_layer, r=r, scaling=scaling):
-            return _delta_class(base_layer)(
+            return _delta_class(base_layer, config.use_dora)(
                 base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.bias != "none"
             )
 
