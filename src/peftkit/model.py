@@ -96,6 +96,7 @@ class PeftModel(nn.Module):
     # -- training hooks (called by peftkit.train; call them yourself in your own loop) -------------
     def prepare_training(self, batches) -> None:
         """Let the active adapters look at a few training batches first (sparse fine-tuning picks its weights)."""
+        batches = _Replayable(batches)  # each adapter reads from the first batch on, even from a generator
         for name in self._active:
             if name in self.model_adapters and name not in self._inference_only:
                 self.model_adapters[name].prepare_training(self.base_model, batches)
@@ -448,6 +449,25 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze `model` and attach a new adapter described by `peft_config`; returns the wrapped model."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+class _Replayable:
+    """An iterable that can be read from the start again: items are pulled from the source only once."""
+
+    def __init__(self, iterable):
+        self._source = iter(iterable)
+        self._seen: list = []
+
+    def __iter__(self):
+        position = 0
+        while True:
+            if position == len(self._seen):
+                try:
+                    self._seen.append(next(self._source))
+                except StopIteration:
+                    return
+            yield self._seen[position]
+            position += 1
 
 
 def _device_of(model: nn.Module) -> torch.device:
