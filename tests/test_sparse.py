@@ -498,3 +498,16 @@ def test_command_line_default_trains_about_one_percent_of_minilm():
                                                       intermediate_size=1536, num_labels=2))
     report = get_peft_model(minilm, config).trainable_parameters_report()
     assert 0.005 <= report.share <= 0.01, report
+
+
+def test_two_active_sparse_adapters_both_calibrate_from_one_generator():
+    # PeftModel.prepare_training replays the batches to each adapter, so a generator serves them all.
+    model = get_peft_model(tiny_bert(), SparseConfig(budget=50, importance="gradient", num_calibration_batches=2))
+    model.add_adapter("other", SparseConfig(budget=30, importance="fisher", num_calibration_batches=3))
+    model.set_adapter(["default", "other"])
+    reference = get_peft_model(tiny_bert(), SparseConfig(budget=30, importance="fisher", num_calibration_batches=3))
+    reference.prepare_training(batches_for("bert"))
+    model.prepare_training(batch for batch in batches_for("bert"))
+    expected = chosen_indices(reference)
+    for path, indices in chosen_indices(model, "other").items():
+        assert torch.equal(indices, expected[path]), path
