@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from peftkit import zoo
+from peftkit.inspect import inspect_adapter
+from peftkit.train.job import METHOD_DEFAULTS, list_methods
 
 MINILM_MISSING = "minilm" not in zoo.list_models()
 
@@ -64,7 +66,11 @@ def test_wrong_choice_is_rejected_by_the_parser():
     assert result.returncode == 2 and "invalid choice: 'magic'" in result.stderr
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "freeze", "full"])
+# The tiny model is 32 wide: the default bottleneck (64) would not fit, and says so.
+_TINY_SETTINGS = {"adapter": ["--set", "bottleneck_size=8"]}
+
+
+@pytest.mark.parametrize("method", list_methods())
 def test_train_each_method_on_a_local_model_folder(method, tiny_model_folder, tmp_path):
     data = tmp_path / "data.jsonl"
     rows = [{"sentence": f"{'good great fine' if i % 2 else 'bad awful poor'} movie {i}", "y": "pos" if i % 2 else "neg"}
@@ -73,15 +79,15 @@ def test_train_each_method_on_a_local_model_folder(method, tiny_model_folder, tm
     run = tmp_path / "run"
     result = peftkit("train", "--model", tiny_model_folder, "--task", data, "--method", method, "--output-dir", run,
                      "--max-steps", "4", "--batch-size", "8", "--no-progress", "--text-column", "sentence",
-                     "--label-column", "y")
+                     "--label-column", "y", *_TINY_SETTINGS.get(method, []))
     assert "trainable parameters" in result.stdout and "adapter file size" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4
     shown = peftkit("predict", run / "adapter", "good great film", "bad awful film").stdout.splitlines()
     assert len(shown) == 2 and all(line.split("\t")[0] in ("pos", "neg") for line in shown)
     if method != "full":
-        report = json.loads(peftkit("inspect", run / "adapter", "--json").stdout)
-        assert report["peft_type"] == {"lora": "LORA", "bitfit": "BITFIT", "freeze": "FREEZE"}[method]
+        report = inspect_adapter(run / "adapter")
+        assert report["peft_type"] == METHOD_DEFAULTS[method][0].peft_type
         assert report["parameters"] > 0 and report["file_bytes"] > 0
 
 
