@@ -32,13 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_step_time import _status_mb, make_batch  # noqa: E402
 
 
+def has_peft_twin(config) -> bool:
+    import peft
+
+    return hasattr(peft, type(config).__name__) and type(config).__name__ not in {"BitFitConfig", "FreezeConfig", "FullFinetuneConfig"}
+
+
 def peft_config_for(config):
     """peft's config of the same name with the same field values, or None where peft lacks the method."""
     import peft
 
-    cls = getattr(peft, type(config).__name__, None)
-    if cls is None or type(config).__name__ in {"BitFitConfig", "FreezeConfig", "FullFinetuneConfig"}:
+    if not has_peft_twin(config):
         return None
+    cls = getattr(peft, type(config).__name__)
     known = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.to_dict().items() if k in known and k != "peft_type"}
     return cls(**values)
@@ -57,7 +63,10 @@ def build(variant: str, args, total_steps: int):
         library, method = variant.split(":")
         config = method_config(method)
         if _needs_total_step(config):
-            config = config.replace(total_step=total_steps)
+            # AdaLoRA's schedule in whole steps for both libraries (peftkit also takes shares of the run).
+            steps = {k: round(getattr(config, k) * total_steps) if isinstance(getattr(config, k), float) else getattr(config, k)
+                     for k in ("tinit", "tfinal")}
+            config = config.replace(total_step=total_steps, **steps)
         if library == "peftkit":
             import peftkit
 
@@ -67,6 +76,14 @@ def build(variant: str, args, total_steps: int):
         else:
             import peft
 
+            if getattr(config, "target_modules", "unset") is None:
+                # Where peft has no default targets for this model (LN tuning on BERT), give it the ones
+                # peftkit resolved, so both train the same modules.
+                import peftkit
+
+                probe, _ = zoo.load_classifier(args.model, num_labels=2, seed=0)
+                config = peftkit.get_peft_model(probe, config).peft_config["default"]
+                del probe
             model = peft.get_peft_model(model, peft_config_for(config))
             if hasattr(model.base_model, "update_and_allocate"):  # AdaLoRA: peft's documented per-step call
                 hook = lambda step, total: model.base_model.update_and_allocate(step)  # noqa: E731
@@ -130,7 +147,7 @@ def main() -> int:
     variants = ["full"]
     for method in methods:
         variants.append(f"peftkit:{method}")
-        if peft_config_for(method_config(method)) is not None:
+        if has_peft_twin(method_config(method)):
             variants.append(f"peft:{method}")
     total_steps = 1 + args.rounds * args.steps_per_round
     runners = {}

@@ -16,11 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["default_job", "lora_vs_full", "lora_step_time"]
+ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
     "lora_step_time": "LoRA training step: peftkit, Hugging Face peft, full fine-tuning",
+    "methods": "Every method on minilm / sst2, same budget",
+    "methods_step_time": "Every method's training step: peftkit, Hugging Face peft, full fine-tuning",
 }
 
 
