@@ -37,7 +37,7 @@ TARGET_GAP_POINTS = 3.0
 EXEMPT = {"prompt", "ptuning", "prefix"}  # known to be weak on models this small (issue 3)
 
 
-def run_method(method: str, args, workdir: Path) -> dict:
+def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> dict:
     run_dir = workdir / method
     command = peftkit_command() + [
         "train", "--method", method, "--model", args.model, "--task", args.task, "--epochs", str(args.epochs),
@@ -49,6 +49,12 @@ def run_method(method: str, args, workdir: Path) -> dict:
         if saved.get("command") == command[1:]:
             print(f"{method}: reusing {run_dir}", flush=True)
             return saved
+    # A row kept in the --json file (from an earlier session, say) counts when it ran the same command,
+    # output folder aside. Delete the row to measure again, e.g. after changing a method's defaults.
+    previous = earlier.get(method)
+    if previous and not previous.get("failed") and _same_command(previous["command"], command[1:]):
+        print(f"{method}: reusing the row in {args.json}", flush=True)
+        return previous
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +77,22 @@ def run_method(method: str, args, workdir: Path) -> dict:
     }
     record.write_text(json.dumps(row, indent=2))
     return row
+
+
+def _same_command(a: list[str], b: list[str]) -> bool:
+    def strip(command):
+        out, skip = [], False
+        for part in command:
+            if skip:
+                skip = False
+                continue
+            if part == "--output-dir":
+                skip = True
+                continue
+            out.append(part)
+        return out
+
+    return strip(a) == strip(b)
 
 
 def _saved_config(folder: Path) -> dict:
@@ -117,6 +139,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/peftkit-bench-methods")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores/N threads)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -125,8 +148,20 @@ def main() -> int:
         parser.error(f"unknown method(s) {unknown}; methods: {', '.join(list_methods())}")
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    earlier = {}
+    if args.json and Path(args.json).is_file():
+        earlier = {row["method"]: row for row in json.loads(Path(args.json).read_text()).get("rows", [])}
 
-    rows = [run_method(m, args, workdir) for m in methods]
+    if args.parallel > 1:
+        # N runs at a time, each with cores/N threads: on a small CPU two 1-thread trainings get more
+        # done than one 2-thread training (small matrices scale poorly across threads).
+        from concurrent.futures import ThreadPoolExecutor
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
+        with ThreadPoolExecutor(args.parallel) as pool:
+            rows = list(pool.map(lambda m: run_method(m, args, workdir, earlier), methods))
+    else:
+        rows = [run_method(m, args, workdir, earlier) for m in methods]
     full = next((r for r in rows if r["method"] == "full" and not r["failed"]), None)
     lines = [
         f"{args.model} / {args.task}, `peftkit train --method NAME --epochs {args.epochs:g}` (batch 32, seed {args.seed}, "

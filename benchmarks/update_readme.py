@@ -35,8 +35,9 @@ def section() -> str:
             continue
         title = TITLES.get(path.stem, path.stem)
         when = f", measured {data['measured_at']}" if data.get("measured_at") else ""
+        note = f"\n{data['note'].strip()}\n" if data.get("note") else ""
         parts.append(f"### {title}\n\n`{data.get('command', 'python benchmarks/' + path.stem + '.py')}`{when}\n\n"
-                     f"{data['markdown'].strip()}\n")
+                     f"{data['markdown'].strip()}\n{note}")
     return "\n".join(parts) if parts else "(not measured yet)\n"
 
 
