@@ -6,7 +6,7 @@
 
 Each method runs as the command a user types, `peftkit train --method NAME --model M --task T
 --epochs E` (the method's defaults from `peftkit.train.job.METHOD_DEFAULTS`, printed in the table),
-in its own subprocess, one at a time. Peak memory is the whole process's (the kernel's resident-set
+in its own subprocess, one at a time (or --parallel N at a time). Peak memory is the whole process's (the kernel's resident-set
 high-water mark via wait4); wall time is recorded in the JSON but not compared, as time per step is
 measured under identical conditions by benchmarks/methods_step_time.py; accuracy, trainable parameters and adapter size come from the
 run's own job.json. Finished runs are kept under --workdir and reused when the same command is asked
@@ -73,7 +73,7 @@ def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> di
         "total_parameters": job["total_parameters"], "trainable_share": job["trainable_share"],
         "adapter_bytes": job["adapter_bytes"], "train_time_s": job["train_time_s"], "wall_s": wall,
         "peak_rss_mb": peak_mb, "steps": job["steps"], "learning_rate": default_learning_rate(method),
-        "config": config,
+        "config": config, "measured_at": time.strftime("%Y-%m-%d %H:%M"),
     }
     record.write_text(json.dumps(row, indent=2))
     return row
@@ -152,6 +152,24 @@ def main() -> int:
     if args.json and Path(args.json).is_file():
         earlier = {row["method"]: row for row in json.loads(Path(args.json).read_text()).get("rows", [])}
 
+    # Each finished row is written to --json at once (beside the rows kept from earlier), so a run that
+    # is interrupted, or a session that loses its --workdir, keeps what it measured.
+    import threading
+
+    lock = threading.Lock()
+    finished: dict[str, dict] = {}
+
+    def run_and_keep(method: str) -> dict:
+        row = run_method(method, args, workdir, earlier)
+        with lock:
+            finished[method] = row
+            if args.json and not row["failed"]:
+                kept = {**{m: r for m, r in earlier.items() if m in methods}, **finished}
+                rows_so_far = [kept[m] for m in methods if m in kept]
+                _write_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
+                                        "markdown": "(incomplete: the benchmark is still running)", "rows": rows_so_far})
+        return row
+
     if args.parallel > 1:
         # N runs at a time, each with cores/N threads: on a small CPU two 1-thread trainings get more
         # done than one 2-thread training (small matrices scale poorly across threads).
@@ -159,9 +177,9 @@ def main() -> int:
 
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
         with ThreadPoolExecutor(args.parallel) as pool:
-            rows = list(pool.map(lambda m: run_method(m, args, workdir, earlier), methods))
+            rows = list(pool.map(run_and_keep, methods))
     else:
-        rows = [run_method(m, args, workdir, earlier) for m in methods]
+        rows = [run_and_keep(m) for m in methods]
     full = next((r for r in rows if r["method"] == "full" and not r["failed"]), None)
     lines = [
         f"{args.model} / {args.task}, `peftkit train --method NAME --epochs {args.epochs:g}` (batch 32, seed {args.seed}, "
@@ -194,10 +212,20 @@ def main() -> int:
     markdown = "\n".join(lines + [""] + verdicts)
     print("\n" + markdown)
     if args.json:
-        command = "python benchmarks/methods.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-        Path(args.json).write_text(json.dumps({"command": command, "measured_at": time.strftime("%Y-%m-%d"),
-                                               "markdown": markdown, "rows": rows}, indent=2))
+        _write_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
+                                "markdown": markdown, "rows": rows})
     return 0
+
+
+def _command_line() -> str:
+    return "python benchmarks/methods.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    target = Path(path)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, target)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a real default the help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def _add_train_parser(commands) -> None:
     from peftkit import zoo
     from peftkit.train.job import list_methods
@@ -47,7 +57,7 @@ def _add_train_parser(commands) -> None:
         description="Train a PEFT method on a text-classification task. With no arguments: LoRA on "
                     "minilm / sst2, then print validation accuracy, trainable share, adapter size, "
                     "wall time and peak memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
     parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}), a folder, or a .jsonl/.csv file")
@@ -75,9 +85,9 @@ def _add_train_parser(commands) -> None:
                              "--set budget=0.01; VALUE is read as JSON when it parses (numbers, true, [1,2]), else as text")
 
     loop = parser.add_argument_group("training")
-    loop.add_argument("--epochs", type=float, default=2)
+    loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2; 1 for chat tasks)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    loop.add_argument("--batch-size", type=int, default=32)
+    loop.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 32; 8 for chat tasks)")
     loop.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
     loop.add_argument("--weight-decay", type=float, default=0.0)
     loop.add_argument("--warmup-ratio", type=float, default=0.06)
@@ -85,9 +95,13 @@ def _add_train_parser(commands) -> None:
     loop.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     loop.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    loop.add_argument("--gradient-checkpointing", action="store_true",
+                      help="recompute activations in the backward pass: less memory, about a third more compute")
     loop.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (always at epoch ends)")
     loop.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    loop.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    loop.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 128; 256 for chat tasks, "
+                      "longer conversations are cut and counted)")
+    loop.add_argument("--packing", action="store_true", help="chat tasks: pack conversations into blocks of --max-length")
     loop.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     loop.add_argument("--max-eval-examples", type=int, default=None)
     loop.add_argument("--seed", type=int, default=0)
@@ -146,29 +160,49 @@ def _method_options(args) -> dict:
     return options
 
 
+def _is_causal_job(model: str, task: str) -> bool:
+    """Chat / instruction tasks and causal LMs go to the instruction-tuning job, the rest to classification."""
+    from peftkit import zoo
+    from peftkit.train import chat
+
+    if task in chat.list_instruct_tasks():
+        return True
+    if task not in zoo.list_tasks() and chat.looks_like_chat_data(task):
+        return True
+    return zoo.model_kind(model) == "causal"
+
+
 def _train(args) -> int:
     from peftkit.config import load_config
-    from peftkit.train.job import train_classifier
 
+    causal = _is_causal_job(args.model, args.task)
     options = _method_options(args)
     config = load_config(args.config) if args.config else None
     model_label = Path(args.model).name if os.sep in args.model else args.model
     task_label = Path(args.task).stem if os.sep in args.task or "." in args.task else args.task
     output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{task_label}-{args.method}")
     training = dict(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        epochs=args.epochs if args.epochs is not None else (1 if causal else 2),
+        max_steps=args.max_steps, batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one report
     if main_process:
         print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
+    if causal:
+        return _train_causal(args, config, options, training, output_dir)
+    if args.packing:
+        raise PeftkitError("--packing applies to chat / instruction tasks, not to classification")
+    from peftkit.train.job import train_classifier
+
     result = train_classifier(
         args.model, args.task, args.method, output_dir, config=config, method_options=options,
-        training=training, max_length=args.max_length, max_train_examples=args.max_train_examples,
+        training=training, max_length=args.max_length or 128, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
         seed=args.seed,
     )
@@ -183,28 +217,101 @@ def _train(args) -> int:
         ("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"),
         ("adapter", result.adapter_dir),
     ]
+    _print_rows(rows)
+    return 0
+
+
+def _train_causal(args, config, options, training, output_dir) -> int:
+    from peftkit.train.instruct import train_causal_lm
+
+    if (args.text_column, args.label_column) != ("text", "label"):
+        raise PeftkitError("--text-column / --label-column are for classification files; chat files have "
+                           "'messages' (or 'instruction' / 'input' / 'output')")
+    result = train_causal_lm(
+        args.model, args.task, args.method, output_dir, config=config, method_options=options, training=training,
+        max_length=args.max_length or 256, packing=args.packing, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples if args.max_eval_examples is not None else 200, seed=args.seed,
+    )
+    loss = "n/a (no validation split)" if result.validation_loss is None else f"{result.validation_loss:.4f}"
+    token_accuracy = result.validation_token_accuracy
+    rows = [
+        ("validation loss", loss + ("" if token_accuracy is None else f" (assistant-token accuracy {100 * token_accuracy:.2f}%)")),
+        ("trainable parameters", f"{result.trainable_parameters:,d} of {result.total_parameters:,d} ({100 * result.trainable_share:.4f}%)"),
+        ("adapter file size", _human_bytes(result.adapter_bytes)),
+        ("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s, {result.examples_per_second:.1f} examples/s)"),
+        ("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"),
+        ("adapter", result.adapter_dir),
+        ("next", f"peftkit eval {result.adapter_dir}   (exact match, beside the untuned model)"),
+    ]
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    return 0
 
 
 def _add_eval_parser(commands) -> None:
     parser = commands.add_parser("eval", help="accuracy of a trained adapter on a task split",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("adapter", help="adapter folder written by peftkit train (runs/NAME/adapter)")
     parser.add_argument("--task", default=None, help="task to score on (default: the one it was trained on)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--split", default=None, choices=["train", "validation", "test"],
+                        help="split to score (default: validation; test for chat / instruction runs)")
     parser.add_argument("--model", default=None, help="base model, if the folder does not name it (a peft adapter)")
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON")
+    chat_group = parser.add_argument_group("chat / instruction runs", "answers are generated greedily and scored by exact match")
+    chat_group.add_argument("--no-base", action="store_true", help="skip the untuned model's score")
+    chat_group.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per answer (default 8)")
+    chat_group.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     parser.set_defaults(handler=_eval)
+
+
+def _eval_causal(args) -> int:
+    from peftkit.train.instruct import evaluate_generation
+
+    split = args.split or "test"
+    result = evaluate_generation(args.adapter, task=args.task, split=split, model=args.model,
+                                 max_examples=args.max_examples, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens or 8, compare_base=not args.no_base)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['task']} / {result['split']}: exact match on {result['examples']} examples")
+    for label, name in (("tuned", "with the adapter"), ("base", "untuned base")):
+        if label in result:
+            score = result[label]
+            print(f"  {name:<17} {100 * score['accuracy']:6.2f}%  ({score['correct']}/{score['total']}, "
+                  f"{score['invalid']} answers outside the label set, {score['seconds']:.1f} s)")
+    if "base" in result:
+        print(f"  difference        {100 * (result['tuned']['accuracy'] - result['base']['accuracy']):+6.2f} points")
+    return 0
+
+
+def _is_causal_run(folder: str) -> bool:
+    """A run of the instruction-tuning job, or a peft adapter made for a causal LM."""
+    from peftkit.train.job import read_run_info
+
+    if read_run_info(folder).get("kind") == "causal":
+        return True
+    config = Path(folder) / "adapter_config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("task_type") == "CAUSAL_LM"
+        except json.JSONDecodeError:
+            return False
+    return False
 
 
 def _eval(args) -> int:
     from peftkit.train.job import evaluate_run
 
-    result = evaluate_run(args.adapter, task=args.task, split=args.split, model=args.model, max_examples=args.max_examples)
+    if _is_causal_run(args.adapter):
+        return _eval_causal(args)
+    result = evaluate_run(args.adapter, task=args.task, split=args.split or "validation", model=args.model, max_examples=args.max_examples)
     if args.json:
         print(json.dumps(result))
     else:
@@ -295,12 +402,165 @@ def _merge(args) -> int:
     if output.exists() and any(output.iterdir()):
         raise PeftkitError(f"{output} exists and is not empty; choose a new --output folder")
     started = time.perf_counter()
-    model, tokenizer, _ = load_run(args.adapter, model=args.model)
+    causal = _is_causal_run(args.adapter)
+    if causal:
+        from peftkit.train.instruct import load_causal_run
+
+        model, tokenizer, _ = load_causal_run(args.adapter, model=args.model)
+    else:
+        model, tokenizer, _ = load_run(args.adapter, model=args.model)
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    plain.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    # Written beside the target, then renamed: an interrupted merge leaves no half model folder.
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if output.exists():
+        output.rmdir()  # empty (checked above)
+    os.replace(partial, output)
+    auto_class = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     print(f"merged model written to {output} in {time.perf_counter() - started:.1f} s; "
-          f"load it with transformers.AutoModelForSequenceClassification.from_pretrained({str(output)!r})")
+          f"load it with transformers.{auto_class}.from_pretrained({str(output)!r})")
+    return 0
+
+
+def _add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="generate a reply with a causal LM and (optionally) an adapter",
+                                 formatter_class=_DefaultsHelpFormatter)
+    parser.add_argument("adapter", nargs="?", default=None, help="adapter folder written by peftkit train (omit for the base model)")
+    parser.add_argument("--prompt", required=True, help="the user message ('-' reads standard input)")
+    parser.add_argument("--system", default=None, help="a system message")
+    _add_generation_options(parser)
+    parser.set_defaults(handler=_generate)
+
+
+def _add_chat_parser(commands) -> None:
+    parser = commands.add_parser("chat", help="chat in the terminal with a causal LM and (optionally) an adapter",
+                                 formatter_class=_DefaultsHelpFormatter)
+    parser.add_argument("adapter", nargs="?", default=None, help="adapter folder written by peftkit train (omit for the base model)")
+    parser.add_argument("--system", default=None, help="a system message")
+    _add_generation_options(parser)
+    parser.set_defaults(handler=_chat)
+
+
+def _add_generation_options(parser) -> None:
+    parser.add_argument("--model", default=None, help="base model (default: the one the adapter names; smollm2 without an adapter)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base first (faster tokens)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_generator(args):
+    from peftkit import zoo
+    from peftkit.train.instruct import load_causal_run
+
+    if args.adapter is None:
+        model, tokenizer = zoo.load_causal_lm(args.model or "smollm2")
+        return model.eval(), tokenizer
+    model, tokenizer, _ = load_causal_run(args.adapter, model=args.model)
+    if args.merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def _generate(args) -> int:
+    from peftkit.train.instruct import stream_reply
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise PeftkitError("--prompt is empty: give the user message")
+    model, tokenizer = _load_generator(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    stream_reply(model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, write=lambda text: print(text, end="", flush=True))
+    print()
+    return 0
+
+
+def _chat(args) -> int:
+    from peftkit.train.instruct import stream_reply
+
+    model, tokenizer = _load_generator(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("peftkit chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        reply = stream_reply(model, tokenizer, system + history, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             write=lambda piece: print(piece, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _add_export_parser(commands) -> None:
+    parser = commands.add_parser(
+        "export", help="write an adapter for serving engines (peft LoRA layout; --to-lora converts other methods)",
+        formatter_class=_DefaultsHelpFormatter)
+    parser.add_argument("adapter", help="adapter folder written by peftkit train (or a peft adapter)")
+    parser.add_argument("--output", required=True, help="new folder for the exported adapter")
+    parser.add_argument("--model", default=None, help="base model, if the folder does not name it")
+    parser.add_argument("--to-lora", action="store_true",
+                        help="rewrite the adapter as plain LoRA (exact where the update's rank fits, else an SVD approximation; the error is printed)")
+    parser.add_argument("--rank", type=int, default=None, help="--to-lora: the LoRA rank (default: the smallest that is exact to 1e-3)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    from peftkit.export import lora_from_adapter, save_lora_conversion, serving_problems
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise PeftkitError(f"{output} exists and is not empty; choose a new --output folder")
+    if _is_causal_run(args.adapter):
+        from peftkit.train.instruct import load_causal_run
+
+        model, tokenizer, info = load_causal_run(args.adapter, model=args.model)
+    else:
+        from peftkit.train.job import load_run
+
+        model, tokenizer, info = load_run(args.adapter, model=args.model)
+    if not hasattr(model, "peft_config") or model.is_full_finetune:
+        raise PeftkitError(f"{args.adapter} holds a fully fine-tuned model, not an adapter; serve the model folder itself")
+    base_id = info.get("model") or model.peft_config["default"].to_dict().get("base_model_name_or_path")
+    if args.to_lora:
+        conversion = lora_from_adapter(model, "default", rank=args.rank)
+        partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+        save_lora_conversion(conversion, partial, base_id)
+        if output.exists():
+            output.rmdir()
+        os.replace(partial, output)
+        print(f"LoRA r={conversion.config.r} on {len(conversion.relative_errors)} layers written to {output}; "
+              f"largest relative error of a layer's update: {conversion.max_relative_error:.2e}")
+        return 0
+    problems = serving_problems(model)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    if output.exists():
+        output.rmdir()
+    os.replace(partial, output)
+    print(f"adapter written to {output} in the Hugging Face peft layout (peft.PeftModel.from_pretrained loads it)")
+    if problems:
+        print("serving engines (vLLM and the like) cannot load all of it:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print(f"  convert it: peftkit export {args.adapter} --to-lora --output DIR", file=sys.stderr)
     return 0
 
 
@@ -315,7 +575,7 @@ def _human_bytes(count: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftkit",
-        description="Parameter-efficient fine-tuning: train, evaluate, inspect and merge adapters.",
+        description="Parameter-efficient fine-tuning: train, evaluate, inspect, merge, export adapters and generate with them.",
         epilog="Start with `peftkit train` (LoRA on minilm / sst2). `peftkit COMMAND --help` for details.",
     )
     from peftkit import __version__
@@ -327,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(commands)
     _add_inspect_parser(commands)
     _add_merge_parser(commands)
+    _add_generate_parser(commands)
+    _add_chat_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 

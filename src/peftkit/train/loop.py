@@ -79,6 +79,9 @@ class TrainingArguments:
     greater_is_better: bool = True
     resume: bool | str = False  # True: newest checkpoint in output_dir/checkpoints; or a path
     progress: bool = True
+    # Recompute each layer's activations in the backward pass instead of keeping them: less memory,
+    # about a third more compute. Needs a transformers model that supports it (the base of a PeftModel).
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise PeftkitError naming the first field that cannot work."""
@@ -114,6 +117,10 @@ class TrainingArguments:
             raise PeftkitError(
                 f"TrainingArguments.mixed_precision must be one of {', '.join(_PRECISIONS)}, "
                 f"got {self.mixed_precision!r}"
+            )
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise PeftkitError(
+                f"TrainingArguments.gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}"
             )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PeftkitError(
@@ -188,10 +195,16 @@ def train(
     ``batch_size * num_processes`` indices. ``on_save_best(model)`` runs on the main process whenever a
     new best evaluation is stored. When there was any evaluation, the best trainable weights are loaded
     back into ``model`` at the end. Writes checkpoints, ``best/`` and ``metrics.json`` under
-    ``args.output_dir``.
+    ``args.output_dir``. With ``args.gradient_checkpointing`` the transformers model inside ``model``
+    recomputes activations in the backward pass for this run (see ``_gradient_checkpointing``).
     """
-    started = time.perf_counter()
     args.validate()
+    with _gradient_checkpointing(model, args.gradient_checkpointing):
+        return _train(model, train_data, eval_data, args, collate_fn, batch_order=batch_order, on_save_best=on_save_best)
+
+
+def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *, batch_order, on_save_best) -> TrainResult:
+    started = time.perf_counter()
     if len(train_data) == 0:
         raise PeftkitError("train_data is empty; there is nothing to train on")
     has_eval = eval_data is not None and len(eval_data) > 0
@@ -505,6 +518,63 @@ def train(
 # --------------------------------------------------------------------------- pieces
 
 
+@contextlib.contextmanager
+def _gradient_checkpointing(model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing on the transformers model in ``model`` (itself, or a PeftModel's base) while inside.
+
+    Checkpointing is switched on with ``use_reentrant=False``: the reentrant form computes no
+    gradient through a checkpointed block whose inputs do not require grad, which is every block of
+    a frozen base ("element 0 of tensors does not require grad", or LoRA weights that silently never
+    train). ``config.use_cache`` is off meanwhile, as a key/value cache is useless in training and
+    transformers would switch it off with a warning. Both are restored on the way out.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers import PreTrainedModel
+
+    target = model
+    for _ in range(4):  # a PeftModel, possibly inside another wrapper, keeps the base as .base_model
+        inner = getattr(target, "base_model", None)
+        if isinstance(target, PreTrainedModel) or not isinstance(inner, torch.nn.Module) or inner is target:
+            break
+        target = inner
+    if not isinstance(target, PreTrainedModel):
+        raise PeftkitError(
+            f"gradient_checkpointing=True needs a Hugging Face transformers model, but {type(target).__name__} "
+            "is not one; train without gradient checkpointing"
+        )
+    if not target.supports_gradient_checkpointing:
+        raise PeftkitError(
+            f"{type(target).__name__} does not support gradient checkpointing (transformers does not implement it "
+            "for this architecture); train without it"
+        )
+    # transformers 5 renamed gradient_* to activation_checkpointing_*, keeping the old names with a warning.
+    new_names = hasattr(target, "activation_checkpointing_enable")
+    enable = target.activation_checkpointing_enable if new_names else target.gradient_checkpointing_enable
+    disable = target.activation_checkpointing_disable if new_names else target.gradient_checkpointing_disable
+    was_on = target.is_activation_checkpointing if new_names else target.is_gradient_checkpointing
+    had_input_grad_hook = bool(getattr(target, "_require_grads_hook", None))
+    config = getattr(target, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+
+    enable({"use_reentrant": False})
+    # transformers also hooks the input embeddings to make their output require grad, which only the
+    # reentrant form needs; it would make every backward pass run down to the embeddings, even when
+    # only the top layers are adapted, and it would outlive the run.
+    if not had_input_grad_hook and getattr(target, "_require_grads_hook", None) is not None:
+        target.disable_input_require_grads()
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if not was_on:
+            disable()
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
 def _make_accelerator(mixed_precision: str) -> Accelerator:
     # Accumulation is done here (see the module docstring); num_steps=1 also keeps an
     # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from the environment from scaling the loss.
@@ -611,12 +681,14 @@ def _evaluate(model, eval_data, batch_size: int, collate_fn, accelerator: Accele
     """Loss and accuracy over ``eval_data``; every process takes a contiguous share, sums are reduced.
 
     loss: mean of the model's batch losses weighted by batch size. accuracy: argmax of the logits
-    against ``labels``, ignoring positions labelled -100. The unwrapped model is used, so processes
+    against ``labels``, ignoring positions labelled -100 (for a causal LM, the next token's label:
+    token accuracy on the labelled tokens). The unwrapped model is used, so processes
     need not run the same number of batches; the RNG is forked so evaluation draws no training
     randomness.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = _process_slice(range(len(eval_data)), rank, world)
+    shifted = _predicts_next_token(model)
     loss_sum, examples, correct, labelled = 0.0, 0, 0, 0
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     was_training = model.training
@@ -632,6 +704,12 @@ def _evaluate(model, eval_data, batch_size: int, collate_fn, accelerator: Accele
             labels = batch.get("labels")
             if logits is not None and labels is not None:
                 predictions = logits.argmax(dim=-1)
+                if predictions.dim() == 2 and labels.dim() == 2 and predictions.shape[1] > labels.shape[1]:
+                    # Prompt tuning on a causal LM returns logits for its virtual tokens first; peft does the same.
+                    predictions = predictions[:, -labels.shape[1]:]
+                if shifted:
+                    # A causal LM's logits at position t predict token t + 1 (its loss shifts the same way).
+                    predictions, labels = predictions[:, :-1], labels[:, 1:]
                 if predictions.shape != labels.shape:
                     raise PeftkitError(
                         f"cannot compute accuracy: argmax of the logits has shape {tuple(predictions.shape)} "
@@ -650,6 +728,15 @@ def _evaluate(model, eval_data, batch_size: int, collate_fn, accelerator: Accele
     if labelled:
         metrics["accuracy"] = correct / labelled
     return metrics
+
+
+def _predicts_next_token(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the transformers model it wraps) is a causal LM, whose labels are shifted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    inner = getattr(model, "base_model", None)
+    return any(type(m).__name__ in causal_names for m in (model, inner) if m is not None)
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:

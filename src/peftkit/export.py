@@ -1,0 +1,194 @@
+"""Export for serving engines: what an engine can load, and a conversion of any mergeable adapter to LoRA.
+
+Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load adapters in the Hugging Face `peft`
+LoRA layout: `lora_A` / `lora_B` per linear layer, one rank, no bias, no extra tensors. peftkit
+writes that layout for LoRA already; `serving_problems` says what else an adapter holds that such an
+engine would refuse or silently ignore (DoRA magnitudes, `modules_to_save`, trained biases, a method
+that is not LoRA), and `lora_from_adapter` rewrites an adapter whose update can be merged into the
+linear weights (DoRA, AdaLoRA, VeRA, LoHa, LoKr, IA3 on linear layers, sparse, ...) as a plain LoRA:
+the update of each layer, computed in full (merged weight minus base weight), factored by a truncated
+SVD to one rank. The conversion is exact when every update's rank fits (AdaLoRA, LoRA itself) and
+otherwise the best approximation of that rank; the relative error per layer is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit import io
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import adapted_modules
+from peftkit.methods.lora import LoraConfig
+
+__all__ = ["LoraConversion", "lora_from_adapter", "save_lora_conversion", "serving_problems"]
+
+
+def serving_problems(peft_model, adapter_name: str = "default") -> list[str]:
+    """What in this adapter a LoRA serving engine (vLLM and the like) cannot load; empty when nothing."""
+    config = peft_model.peft_config[adapter_name]
+    method = getattr(config, "peft_type", None)
+    if method != "LORA":
+        kind = "trains the whole model" if method is None else f"is {method}, not LoRA"
+        return [f"adapter {adapter_name!r} {kind}: serving engines load LoRA adapters only"]
+    problems = []
+    if getattr(config, "use_dora", False):
+        problems.append("it uses DoRA: engines ignore or refuse the magnitude vectors (lora_magnitude_vector)")
+    if getattr(config, "modules_to_save", None):
+        problems.append(f"it trains whole modules ({', '.join(config.modules_to_save)}, modules_to_save), "
+                        "which engines do not load")
+    if getattr(config, "bias", "none") != "none":
+        problems.append(f"it trains biases (bias={config.bias!r}), which engines do not load")
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        problems.append("it has per-module ranks or alphas (rank_pattern / alpha_pattern), which some engines ignore")
+    non_linear = [path for path, module in adapted_modules(peft_model.base_model)
+                  if adapter_name in module.adapters and not _is_linear(module.base_layer)]
+    if non_linear:
+        problems.append(f"it adapts layers that are not linear ({', '.join(non_linear[:3])}"
+                        f"{', ...' if len(non_linear) > 3 else ''}), which engines do not load")
+    return problems
+
+
+@dataclasses.dataclass
+class LoraConversion:
+    """A plain LoRA equivalent of an adapter: its config, its tensors (peft keys), and how close it is."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    relative_errors: dict[str, float]  # module path -> ||delta - B A|| / ||delta|| (Frobenius)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_errors.values(), default=0.0)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    # GPT-2's Conv1D stores its weight as (in, out).
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+@torch.no_grad()
+def _updates(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """module path -> the adapter's full update of that layer's weight, (out, in), float32."""
+    if adapter_name not in peft_model.peft_config:
+        raise PeftkitError(f"no adapter named {adapter_name!r}; adapters: {', '.join(peft_model.peft_config)}")
+    if adapter_name in peft_model.model_adapters:
+        raise PeftkitError(
+            f"adapter {adapter_name!r} ({peft_model.peft_config[adapter_name].peft_type}) adds virtual tokens or "
+            "prefixes, not weight updates: it has no LoRA form; serve it with peftkit or export a peft adapter"
+        )
+    updates, refused = {}, []
+    for path, module in adapted_modules(peft_model.base_model):
+        if adapter_name not in module.adapters:
+            continue
+        delta = module.adapters[adapter_name]
+        if delta.replaces_base:
+            refused.append(f"{path} (trained as a whole module, modules_to_save)")
+            continue
+        if not _is_linear(module.base_layer):
+            refused.append(f"{path} ({type(module.base_layer).__name__}, not a linear layer)")
+            continue
+        if not delta.mergeable:
+            refused.append(f"{path} ({delta.merge_refusal})")
+            continue
+        if adapter_name in module.merged_adapters:
+            raise PeftkitError(f"adapter {adapter_name!r} is merged into {path}; unmerge it before converting")
+        before = _weight_as_out_in(module.base_layer).detach().float().clone()
+        bias_before = None if module.base_layer.bias is None else module.base_layer.bias.detach().clone()
+        module.merge(adapter_name)
+        try:
+            update = _weight_as_out_in(module.base_layer).detach().float() - before
+            if bias_before is not None and not torch.equal(module.base_layer.bias, bias_before):
+                refused.append(f"{path} (its update changes the bias, which LoRA cannot hold)")
+        finally:
+            module.unmerge(adapter_name)
+        updates[path] = update
+    if refused:
+        raise PeftkitError(
+            f"adapter {adapter_name!r} cannot be written as LoRA: {'; '.join(refused[:4])}"
+            f"{' ...' if len(refused) > 4 else ''}. Export a merged model instead (peftkit merge)"
+        )
+    if not updates:
+        raise PeftkitError(f"adapter {adapter_name!r} changes no linear layer, so it has no LoRA form")
+    return updates
+
+
+def _numerical_rank(singular_values: torch.Tensor, tolerance: float) -> int:
+    """The smallest rank whose truncation error, relative to the whole, is at most `tolerance`."""
+    energy = singular_values.double().square()
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    # tail[k] = squared error when keeping the first k values
+    tail = energy.flip(0).cumsum(0).flip(0)
+    for rank in range(1, len(singular_values) + 1):
+        remaining = float(tail[rank]) if rank < len(singular_values) else 0.0
+        if remaining <= tolerance ** 2 * total:
+            return rank
+    return len(singular_values)
+
+
+@torch.no_grad()
+def lora_from_adapter(peft_model, adapter_name: str = "default", rank: int | None = None,
+                      tolerance: float = 1e-3) -> LoraConversion:
+    """The adapter rewritten as a plain LoRA of one rank (alpha = rank, so scaling 1).
+
+    rank: the LoRA rank; by default the smallest rank that keeps every layer's relative error at or
+    below `tolerance` (so a LoRA-shaped update converts exactly). The model is left as it was.
+    """
+    source = peft_model.peft_config[adapter_name] if adapter_name in peft_model.peft_config else None
+    updates = _updates(peft_model, adapter_name)
+    factors = {path: torch.linalg.svd(update, full_matrices=False) for path, update in updates.items()}
+    if rank is None:
+        rank = max(_numerical_rank(s, tolerance) for _, s, _ in factors.values())
+    if rank < 1:
+        raise PeftkitError(f"rank must be at least 1, got {rank}")
+    tensors, errors = {}, {}
+    for path, (u, s, vh) in factors.items():
+        update = updates[path]
+        keep = min(rank, len(s))
+        root = s[:keep].sqrt()
+        b = u[:, :keep] * root[None, :]
+        a = root[:, None] * vh[:keep]
+        if keep < rank:  # a layer smaller than the rank: pad with zeros so every layer has one rank
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - keep)], dim=1)
+            a = torch.cat([a, a.new_zeros(rank - keep, a.shape[1])], dim=0)
+        norm = float(update.norm())
+        errors[path] = float((update - b @ a).norm()) / norm if norm > 0 else 0.0
+        dtype = _weight_as_out_in(_module(peft_model, path).base_layer).dtype
+        tensors[f"{io.KEY_PREFIX}{path}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{io.KEY_PREFIX}{path}.lora_B.weight"] = b.to(dtype).contiguous()
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=sorted(updates),
+        task_type=getattr(source, "task_type", None),
+        fan_in_fan_out=any(type(_module(peft_model, p).base_layer).__name__ == "Conv1D" for p in updates),
+    )
+    if any(type(_module(peft_model, p).base_layer).__name__ == "Conv1D" for p in updates):
+        # peft stores Conv1D LoRA factors as for Linear (A: r x in, B: out x r); fan_in_fan_out only
+        # tells it the base weight's layout.
+        pass
+    return LoraConversion(config=config, tensors=tensors, relative_errors=errors)
+
+
+def _module(peft_model, path: str):
+    return dict(adapted_modules(peft_model.base_model))[path]
+
+
+def save_lora_conversion(conversion: LoraConversion, folder: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
+    """Write a conversion as a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = conversion.config.to_dict()
+    data["base_model_name_or_path"] = base_model_name_or_path
+    data["inference_mode"] = True
+    io.write_tensors(folder / io.WEIGHTS_NAME, conversion.tensors)
+    io.write_json(folder / io.CONFIG_NAME, data)
+    return folder
