@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_job import peftkit_command, run_measured  # noqa: E402
 
-from peftkit.train.job import default_learning_rate  # noqa: E402
+from peftkit.train.job import default_epochs, default_learning_rate  # noqa: E402
 
 TARGET_GAP_POINTS = 3.0
 EXEMPT = {"prompt", "ptuning", "prefix"}  # known to be weak on models this small (issue 3)
@@ -40,9 +40,9 @@ EXEMPT = {"prompt", "ptuning", "prefix"}  # known to be weak on models this smal
 def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> dict:
     run_dir = workdir / method
     command = peftkit_command() + [
-        "train", "--method", method, "--model", args.model, "--task", args.task, "--epochs", str(args.epochs),
+        "train", "--method", method, "--model", args.model, "--task", args.task,
         "--output-dir", str(run_dir), "--no-progress", "--seed", str(args.seed),
-    ]
+    ] + (["--epochs", f"{args.epochs:g}"] if args.epochs is not None else [])
     record = run_dir / "benchmark_run.json"
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -73,6 +73,7 @@ def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> di
         "total_parameters": job["total_parameters"], "trainable_share": job["trainable_share"],
         "adapter_bytes": job["adapter_bytes"], "train_time_s": job["train_time_s"], "wall_s": wall,
         "peak_rss_mb": peak_mb, "steps": job["steps"], "learning_rate": default_learning_rate(method),
+        "epochs": args.epochs if args.epochs is not None else default_epochs(method),
         "config": config, "measured_at": time.strftime("%Y-%m-%d %H:%M"),
     }
     record.write_text(json.dumps(row, indent=2))
@@ -81,6 +82,13 @@ def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> di
 
 def _same_command(a: list[str], b: list[str]) -> bool:
     def strip(command):
+        command = list(command)
+        # "--epochs E" where E is the method's default is the same run as no --epochs at all.
+        if "--epochs" in command and "--method" in command:
+            at = command.index("--epochs")
+            method = command[command.index("--method") + 1]
+            if float(command[at + 1]) == float(default_epochs(method)):
+                del command[at:at + 2]
         out, skip = [], False
         for part in command:
             if skip:
@@ -136,7 +144,7 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(["full"] + [m for m in list_methods() if m != "full"]))
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--epochs", type=float, default=None, help="default: each method's own (2; bitfit 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/peftkit-bench-methods")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores/N threads)")
@@ -180,26 +188,30 @@ def main() -> int:
             rows = list(pool.map(run_and_keep, methods))
     else:
         rows = [run_and_keep(m) for m in methods]
+    # Rows kept from earlier runs of other methods stay in the table (each carries its own command and date).
+    order = ["full"] + [m for m in list_methods() if m != "full"]
+    rows += [row for method, row in earlier.items() if method not in methods and not row.get("failed")]
+    rows.sort(key=lambda row: order.index(row["method"]) if row["method"] in order else len(order))
     full = next((r for r in rows if r["method"] == "full" and not r["failed"]), None)
     lines = [
-        f"{args.model} / {args.task}, `peftkit train --method NAME --epochs {args.epochs:g}` (batch 32, seed {args.seed}, "
-        "each method's default config and learning rate); accuracy on the validation split at the best evaluated epoch; "
+        f"{args.model} / {args.task}, `peftkit train --method NAME` (batch 32, seed {args.seed}, each method's default "
+        "config, learning rate and epochs); accuracy on the validation split at the best evaluated epoch; "
         f"peak RSS of the whole process; {os.cpu_count()} CPUs ({platform.machine()}). Time per step against full "
         "fine-tuning and peft: benchmarks/methods_step_time.py (this machine was shared during these runs, so their "
         "wall times are not compared).",
         "",
-        "| method | config | lr | validation accuracy | vs full FT | trainable params | trainable % | file | steps | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | config | lr | epochs | validation accuracy | vs full FT | trainable params | trainable % | file | steps | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
     for row in rows:
         if row["failed"]:
-            lines.append(f"| {row['method']} | failed: {row['error'][:80]} | | | | | | | | |")
+            lines.append(f"| {row['method']} | failed: {row['error'][:80]} | | | | | | | | | |")
             verdicts.append(f"- FAIL: {row['method']} did not finish")
             continue
         gap = None if full is None or row is full else 100 * (row["accuracy"] - full["accuracy"])
         lines.append(
-            f"| {row['method']} | {describe(row['config'])} | {row['learning_rate'] or ''} | {100 * row['accuracy']:.2f}% | "
+            f"| {row['method']} | {describe(row['config'])} | {row['learning_rate'] or ''} | {row.get('epochs', 2):g} | {100 * row['accuracy']:.2f}% | "
             f"{'' if gap is None else f'{gap:+.2f}'} | {row['trainable_parameters']:,d} | {100 * row['trainable_share']:.3f}% | "
             f"{human_bytes(row['adapter_bytes'])} | {row['steps']} | {row['peak_rss_mb']:,.0f} MiB |"
         )

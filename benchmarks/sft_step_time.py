@@ -30,7 +30,8 @@ with the peft variant with the same gradient-checkpointing setting (full: with p
 Memory: one fresh subprocess per variant builds it, resets the kernel's resident-set high-water mark
 (writing 5 to /proc/self/clear_refs), and runs --memory-steps steps; training memory is the
 high-water mark (VmHWM) minus the resident size right after loading (VmRSS), i.e. activations,
-gradients and optimizer state, not the weights every variant shares.
+gradients and optimizer state, not the weights every variant shares. (transformers memory-maps the
+weights file, so every weight is read once right after loading, before the baseline is taken.)
 
 Targets (issue 4): peftkit-lora step time <= 0.90x peft-lora; peftkit-lora training memory <= peft-lora's.
 """
@@ -64,6 +65,7 @@ def build(variant: str, args):
         raise SystemExit(f"unknown variant {variant!r}; pick from {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     model, _ = zoo.load_causal_lm(args.model, seed=0)
+    fault_in(model)
     model.config.use_cache = False
     library = variant.split("-")[0]
     if library == "peftkit":
@@ -87,6 +89,19 @@ def build(variant: str, args):
     parameters = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     return wrapped, optimizer, sum(p.numel() for p in parameters)
+
+
+def fault_in(model) -> None:
+    """Read every weight once, so that the model is resident before anything is measured.
+
+    transformers maps safetensors files into memory: right after loading, the weights are mapped but
+    not yet read, so the process's resident size does not count them, and the first forward pass
+    reads them from the file. Without this, "training memory" would include the weights themselves
+    (about 513 MiB for smollm2) and the first timed step would pay for reading them.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
 
 
 def make_batch(args, vocab_size: int):

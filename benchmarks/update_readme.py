@@ -16,13 +16,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time"]
+ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
+         "generation"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
     "lora_step_time": "LoRA training step: peftkit, Hugging Face peft, full fine-tuning",
-    "methods": "Every method on minilm / sst2, same budget",
+    "methods": "Every method on minilm / sst2",
+    "instruct": "Instruction tuning smollm2 on trec-instruct: exact match, tuned against untuned",
     "methods_step_time": "Every method's training step: peftkit, Hugging Face peft, full fine-tuning",
+    "sft_step_time": "Supervised fine-tuning step on smollm2: peftkit LoRA, Hugging Face peft, full fine-tuning, gradient checkpointing",
+    "generation": "Decoding speed on smollm2: base model, LoRA merged and unmerged (peftkit, Hugging Face peft)",
 }
 
 

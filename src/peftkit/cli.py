@@ -54,13 +54,18 @@ def _add_train_parser(commands) -> None:
 
     parser = commands.add_parser(
         "train", help="train a method on a task and save the adapter",
-        description="Train a PEFT method on a text-classification task. With no arguments: LoRA on "
+        description="Train a PEFT method on a text-classification task, or instruction-tune a causal LM on a "
+                    "chat / instruction task (e.g. --model smollm2 --task trec-instruct). With no arguments: LoRA on "
                     "minilm / sst2, then print validation accuracy, trainable share, adapter size, "
                     "wall time and peak memory.",
         formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
-    parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}), a folder, or a .jsonl/.csv file")
+    from peftkit.train.chat import list_instruct_tasks
+
+    parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}; chat: "
+                        f"{', '.join(list_instruct_tasks())}), a folder, or a .jsonl/.csv file (chat files: "
+                        "'messages' or 'instruction'/'input'/'output' per line)")
     parser.add_argument("--method", default="lora", choices=list_methods(), help="how to adapt the model")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<model>-<task>-<method>)")
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
@@ -85,7 +90,7 @@ def _add_train_parser(commands) -> None:
                              "--set budget=0.01; VALUE is read as JSON when it parses (numbers, true, [1,2]), else as text")
 
     loop = parser.add_argument_group("training")
-    loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2; 1 for chat tasks)")
+    loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2, bitfit 4; 1 for chat tasks)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     loop.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 32; 8 for chat tasks)")
     loop.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
@@ -182,7 +187,7 @@ def _train(args) -> int:
     task_label = Path(args.task).stem if os.sep in args.task or "." in args.task else args.task
     output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{task_label}-{args.method}")
     training = dict(
-        epochs=args.epochs if args.epochs is not None else (1 if causal else 2),
+        epochs=args.epochs if args.epochs is not None else (1 if causal else None),  # None: the method's default
         max_steps=args.max_steps, batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
@@ -254,7 +259,7 @@ def _print_rows(rows) -> None:
 
 
 def _add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="accuracy of a trained adapter on a task split",
+    parser = commands.add_parser("eval", help="accuracy of a trained adapter on a task split (chat runs: exact match beside the untuned model)",
                                  formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("adapter", help="adapter folder written by peftkit train (runs/NAME/adapter)")
     parser.add_argument("--task", default=None, help="task to score on (default: the one it was trained on)")
@@ -339,6 +344,9 @@ def _predict(args) -> int:
             texts += [line.rstrip("\n") for line in handle if line.strip()]
     if not texts:
         raise PeftkitError("no text to classify: give texts as arguments or --file FILE")
+    if _is_causal_run(args.adapter):
+        raise PeftkitError(f"{args.adapter} adapts a causal language model, which writes replies rather than labels: "
+                           f"use peftkit generate {args.adapter} --prompt TEXT (or peftkit chat {args.adapter})")
     model, tokenizer, info = load_run(args.adapter, model=args.model)
     probabilities = predict_texts(model, tokenizer, texts, info.get("max_length", 128))
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
