@@ -219,7 +219,7 @@ def main() -> int:
                      f"{ms(row['peft_step_s']) or 'no peft method'} | {x(row['vs_peft'])} | {x(row['vs_full'])} | "
                      f"{mb(row['peftkit_memory_mb'])} | {mb(row['peft_memory_mb'])} | {mb(row['full_memory_mb'])} |")
         if row["vs_peft"] is not None:
-            verdicts.append(f"- {'PASS' if row['vs_peft'] <= 1.0 else 'FAIL'}: {method} step {row['vs_peft']:.2f}x peft")
+            verdicts.append(f"- {'PASS' if row['vs_peft'] <= 1.0 else 'FAIL'}: {method} step {row['vs_peft']:.3f}x peft (median of per-round ratios)")
     markdown = "\n".join(lines + [""] + verdicts)
     print("\n" + markdown)
     if args.json:
