@@ -54,6 +54,21 @@ def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[float, 
     return wall, usage.ru_maxrss / 1024, process.returncode
 
 
+def write_results_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write a benchmark's results atomically: a temporary file beside the target, then os.replace."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_step_time import fault_in, write_json  # noqa: E402
+from default_job import write_results_json  # noqa: E402
+from sft_step_time import fault_in  # noqa: E402
 
 VARIANTS = ("base", "peftkit-merged", "peftkit-unmerged", "peft-unmerged")
 UNMERGED_TARGET = 0.90  # peftkit-unmerged tokens/s / base tokens/s
@@ -253,7 +254,7 @@ def main() -> int:
     print("\n" + markdown)
     print(f"\n(total {elapsed_s:.0f} s)", file=sys.stderr)
     if args.json:
-        write_json(args.json, {
+        write_results_json(args.json, {
             "command": "python benchmarks/generation.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
             "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown,
             "settings": {k: v for k, v in vars(args).items() if k != "json"},

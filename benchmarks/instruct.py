@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_job import human_bytes, peftkit_command, run_measured  # noqa: E402
+from default_job import human_bytes, peftkit_command, run_measured, write_results_json  # noqa: E402
 
 TARGET_POINTS = 40.0
 TARGET_TRAIN_MINUTES = 20.0
@@ -100,7 +100,7 @@ def main() -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         rows.append(run_method(method, args, workdir))
         if args.json:
-            _write_json(args.json, {"command": command, "measured_at": time.strftime("%Y-%m-%d"),
+            write_results_json(args.json, {"command": command, "measured_at": time.strftime("%Y-%m-%d"),
                                     "markdown": "(incomplete: the benchmark is still running)", "rows": rows})
     lines = [
         f"{args.model} / {args.task}: `peftkit train` on the first {args.train_examples} training conversations for "
@@ -134,16 +134,9 @@ def main() -> int:
     markdown = "\n".join(lines + [""] + verdicts)
     print("\n" + markdown)
     if args.json:
-        _write_json(args.json, {"command": command, "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown,
+        write_results_json(args.json, {"command": command, "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown,
                                 "rows": rows})
     return 0
-
-
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, target)
 
 
 if __name__ == "__main__":

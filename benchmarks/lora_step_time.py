@@ -52,6 +52,21 @@ def make_batch(args):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+def interleaved_step_times(steps: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one figure per round: every variant runs once (warm-up), then
+    each round runs every variant's `steps_per_round` steps in turn, so all see the same machine load."""
+    for run_step in steps.values():  # warm up allocators and kernels
+        run_step()
+    times: dict[str, list[float]] = {variant: [] for variant in steps}
+    for _ in range(rounds):
+        for variant, run_step in steps.items():
+            started = time.perf_counter()
+            for _ in range(steps_per_round):
+                run_step()
+            times[variant].append((time.perf_counter() - started) / steps_per_round)
+    return times
+
+
 def step(model, optimizer, batch):
     loss = model(**batch).loss
     loss.backward()
@@ -107,15 +122,8 @@ def main() -> None:
 
     built = {v: build(v, args) for v in VARIANTS}
     batch = make_batch(args)
-    for model, optimizer, _ in built.values():  # warm up allocators and kernels
-        step(model, optimizer, batch)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
-        for variant, (model, optimizer, _) in built.items():
-            started = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                step(model, optimizer, batch)
-            times[variant].append((time.perf_counter() - started) / args.steps_per_round)
+    times = interleaved_step_times({v: (lambda m=m, o=o: step(m, o, batch)) for v, (m, o, _) in built.items()},
+                                   args.rounds, args.steps_per_round)
     trainable = {v: built[v][2] for v in VARIANTS}
     del built
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_job import peftkit_command, run_measured  # noqa: E402
+from default_job import peftkit_command, run_measured, write_results_json  # noqa: E402
 
 from peftkit.train.job import default_epochs, default_learning_rate  # noqa: E402
 
@@ -174,7 +174,7 @@ def main() -> int:
             if args.json and not row["failed"]:
                 kept = {**{m: r for m, r in earlier.items() if m in methods}, **finished}
                 rows_so_far = [kept[m] for m in methods if m in kept]
-                _write_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
+                write_results_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
                                         "markdown": "(incomplete: the benchmark is still running)", "rows": rows_so_far})
         return row
 
@@ -224,20 +224,13 @@ def main() -> int:
     markdown = "\n".join(lines + [""] + verdicts)
     print("\n" + markdown)
     if args.json:
-        _write_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
+        write_results_json(args.json, {"command": _command_line(), "measured_at": time.strftime("%Y-%m-%d"),
                                 "markdown": markdown, "rows": rows})
     return 0
 
 
 def _command_line() -> str:
     return "python benchmarks/methods.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-
-
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, target)
 
 
 if __name__ == "__main__":

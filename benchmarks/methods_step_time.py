@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_step_time import _status_mb, make_batch  # noqa: E402
+from lora_step_time import _status_mb, interleaved_step_times, make_batch  # noqa: E402
 
 
 def has_peft_twin(config) -> bool:
@@ -157,15 +157,8 @@ def main() -> int:
         except Exception as error:  # a method peft cannot build on this model is reported, not fatal
             print(f"{variant}: could not build ({type(error).__name__}: {error})", flush=True)
     batch = make_batch(args)
-    for runner in runners.values():  # warm up allocators and kernels
-        runner.step(batch)
-    times: dict[str, list[float]] = {v: [] for v in runners}
-    for _ in range(args.rounds):
-        for variant, runner in runners.items():
-            started = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                runner.step(batch)
-            times[variant].append((time.perf_counter() - started) / args.steps_per_round)
+    times = interleaved_step_times({v: (lambda r=r: r.step(batch)) for v, r in runners.items()},
+                                   args.rounds, args.steps_per_round)
     trainable = {v: r.trainable for v, r in runners.items()}
     del runners
 

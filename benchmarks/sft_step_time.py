@@ -40,18 +40,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_step_time import _status_mb  # noqa: E402
+from default_job import write_results_json  # noqa: E402
+from lora_step_time import _status_mb, interleaved_step_times  # noqa: E402
 
 VARIANTS = ("peftkit-lora", "peft-lora", "full", "peftkit-lora-gc", "peft-lora-gc")
 STEP_TARGET = 0.90  # peftkit-lora step time / peft-lora step time
@@ -130,21 +129,6 @@ def measure_memory(variant: str, args) -> None:
     print(json.dumps({"variant": variant, "loaded_mb": loaded, "peak_mb": peak, "training_mb": peak - loaded}))
 
 
-def write_json(path: str, data: dict) -> None:
-    """Write atomically: a temporary file next to the target, then os.replace."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -173,17 +157,10 @@ def main() -> int:
     built = {v: build(v, args) for v in variants}
     vocab_size = next(iter(built.values()))[0].config.vocab_size
     batch = make_batch(args, vocab_size)
-    for model, optimizer, _ in built.values():  # warm up allocators and kernels
-        step(model, optimizer, batch)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for variant, (model, optimizer, _) in built.items():
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, optimizer, batch)
-            times[variant].append((time.perf_counter() - started) / args.steps)
+    times = interleaved_step_times({v: (lambda m=m, o=o: step(m, o, batch)) for v, (m, o, _) in built.items()},
+                                   args.rounds, args.steps)
     trainable = {v: built[v][2] for v in variants}
-    del built, model, optimizer
+    del built
     timing_s = time.perf_counter() - started_at
 
     memory = {}
@@ -270,7 +247,7 @@ def main() -> int:
     print("\n" + markdown)
     print(f"\n(timing {timing_s:.0f} s, memory subprocesses {memory_s:.0f} s)", file=sys.stderr)
     if args.json:
-        write_json(args.json, {
+        write_results_json(args.json, {
             "command": "python benchmarks/sft_step_time.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
             "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown,
             "settings": {k: v for k, v in vars(args).items() if k not in {"json", "memory_only"}},

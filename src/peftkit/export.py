@@ -146,6 +146,7 @@ def lora_from_adapter(peft_model, adapter_name: str = "default", rank: int | Non
     """
     source = peft_model.peft_config[adapter_name] if adapter_name in peft_model.peft_config else None
     updates = _updates(peft_model, adapter_name)
+    layers = {path: module.base_layer for path, module in adapted_modules(peft_model.base_model)}
     factors = {path: torch.linalg.svd(update, full_matrices=False) for path, update in updates.items()}
     if rank is None:
         rank = max(_numerical_rank(s, tolerance) for _, s, _ in factors.values())
@@ -163,23 +164,17 @@ def lora_from_adapter(peft_model, adapter_name: str = "default", rank: int | Non
             a = torch.cat([a, a.new_zeros(rank - keep, a.shape[1])], dim=0)
         norm = float(update.norm())
         errors[path] = float((update - b @ a).norm()) / norm if norm > 0 else 0.0
-        dtype = _weight_as_out_in(_module(peft_model, path).base_layer).dtype
+        dtype = layers[path].weight.dtype
         tensors[f"{io.KEY_PREFIX}{path}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"{io.KEY_PREFIX}{path}.lora_B.weight"] = b.to(dtype).contiguous()
+    # Factors are stored as for Linear (A: r x in, B: out x r) whatever the layer; fan_in_fan_out only
+    # tells peft that GPT-2's Conv1D weights are stored transposed.
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=sorted(updates),
         task_type=getattr(source, "task_type", None),
-        fan_in_fan_out=any(type(_module(peft_model, p).base_layer).__name__ == "Conv1D" for p in updates),
+        fan_in_fan_out=any(type(layers[p]).__name__ == "Conv1D" for p in updates),
     )
-    if any(type(_module(peft_model, p).base_layer).__name__ == "Conv1D" for p in updates):
-        # peft stores Conv1D LoRA factors as for Linear (A: r x in, B: out x r); fan_in_fan_out only
-        # tells it the base weight's layout.
-        pass
     return LoraConversion(config=config, tensors=tensors, relative_errors=errors)
-
-
-def _module(peft_model, path: str):
-    return dict(adapted_modules(peft_model.base_model))[path]
 
 
 def save_lora_conversion(conversion: LoraConversion, folder: str | os.PathLike, base_model_name_or_path: str | None) -> Path:

@@ -66,18 +66,17 @@ Scoring. `score_answers` compares generated answers with references after `norma
 from __future__ import annotations
 
 import difflib
-import gzip
 import json
 import string
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.train.data import SPLIT_FILE_STEMS, SPLITS
+from peftkit.train.data import SPLIT_FILE_STEMS, SPLITS, _binary_lines, jsonl_records
 
 __all__ = [
     "CHAT_ROLES",
@@ -184,12 +183,6 @@ class ChatTaskData:
 # Reading
 
 
-def _binary_lines(path: Path) -> Iterator[bytes]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as file:
-        yield from file
-
-
 def _show(value: object) -> str:
     try:
         return json.dumps(value)
@@ -281,23 +274,8 @@ def read_chat_file(path: str | Path) -> list[Conversation]:
     conversations: list[Conversation] = []
     file_format, format_line = None, 0
     try:
-        for line_number, raw_line in enumerate(_binary_lines(path), start=1):
-            where = f"{path} line {line_number}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise PeftkitError(f"{where}: not UTF-8 text ({error.reason}); save the file as UTF-8") from None
-            if line_number == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PeftkitError(
-                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one "
-                    f"object, either {_CHAT_EXAMPLE} or {_INSTRUCTION_EXAMPLE}"
-                ) from None
+        one_record = f"one object, either {_CHAT_EXAMPLE} or {_INSTRUCTION_EXAMPLE}"
+        for line_number, where, record in jsonl_records(path, one_record):
             record_format = _record_format(record) if isinstance(record, dict) else None
             if record_format is None:
                 found = f"the keys {list(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -159,8 +160,12 @@ def _binary_lines(path: Path) -> Iterator[bytes]:
         yield from file
 
 
-def _read_jsonl(path: Path, text_column: str, label_column: str) -> _RawSplit:
-    split = _RawSplit(source=str(path), unit="line")
+def jsonl_records(path: Path, one_record: str) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "PATH line N", parsed JSON) for each non-blank line of a .jsonl (or .jsonl.gz) file.
+
+    Bad UTF-8 and bad JSON raise a PeftkitError naming the file and line; `one_record` describes a
+    valid line for that message (e.g. 'one object like {"text": "...", "label": 0}').
+    """
     for line_number, raw_line in enumerate(_binary_lines(path), start=1):
         where = f"{path} line {line_number}"
         try:
@@ -172,12 +177,18 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> _RawSplit:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise PeftkitError(
-                f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be "
-                f'one object like {{"{text_column}": "...", "{label_column}": 0}}'
+                f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be {one_record}"
             ) from None
+        yield line_number, where, record
+
+
+def _read_jsonl(path: Path, text_column: str, label_column: str) -> _RawSplit:
+    split = _RawSplit(source=str(path), unit="line")
+    example = f'one object like {{"{text_column}": "...", "{label_column}": 0}}'
+    for line_number, where, row in jsonl_records(path, example):
         if not isinstance(row, dict):
             raise PeftkitError(
                 f"{where}: expected a JSON object like "

@@ -247,7 +247,6 @@ def generate_answers(model, tokenizer, conversations: list[chat.Conversation], *
     prompts = chat.encode_prompts(conversations, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    answers: list[str] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     by_index: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
@@ -265,8 +264,7 @@ def generate_answers(model, tokenizer, conversations: list[chat.Conversation], *
             by_index[i] = tokenizer.decode(output[row, longest:], skip_special_tokens=True)
         if progress is not None:
             progress(len(indices))
-    answers = [by_index[i] for i in range(len(prompts))]
-    return answers
+    return [by_index[i] for i in range(len(prompts))]
 
 
 def evaluate_generation(folder: str | os.PathLike, task: str | None = None, split: str = "test", *,
