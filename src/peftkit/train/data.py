@@ -177,7 +177,7 @@ def jsonl_records(path: Path, one_record: str) -> Iterator[tuple[int, str, Any]]
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))  # so an error points into the line, not past its end
         except json.JSONDecodeError as error:
             raise PeftkitError(
                 f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be {one_record}"
