@@ -1,0 +1,269 @@
+"""Mixed-adapter batches: each example runs with its own LoRA adapter, checked against running each
+example alone with its adapter (PeftModel) and against Hugging Face peft's `adapter_names`."""
+
+import peft
+import pytest
+import torch
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+from peftkit import IA3Config, LoraConfig, PeftkitError, PeftModel, get_peft_model
+from peftkit.mixed import BASE_ADAPTER, MixedLoraModel, gathered_lora_update
+
+# Different ranks, per-module rank/alpha patterns and rsLoRA: each adapter is padded to the largest rank.
+BERT_ADAPTERS = {
+    "alpha": dict(r=2, lora_alpha=4, target_modules="all-linear"),
+    "beta": dict(r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"value": 3}, alpha_pattern={"query": 2.0}),
+    "gamma": dict(r=3, lora_alpha=5, target_modules=["key", "dense"], use_rslora=True),
+}
+
+
+def _randomise(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+def _save_adapters(make_model, adapters, root, **extra):
+    """Save each adapter with random nonzero factors (and its own head for SEQ_CLS); {name: folder}."""
+    folders = {}
+    for seed, (name, fields) in enumerate(adapters.items()):
+        model = get_peft_model(make_model(), LoraConfig(**fields, **extra))
+        _randomise(model, seed)
+        folders[name] = str(root / name)
+        model.save_pretrained(folders[name])
+    return folders
+
+
+def _alone(make_model, folder, **inputs):
+    model = make_model() if folder is None else PeftModel.from_pretrained(make_model(), folder)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def bert_folders(tmp_path):
+    return _save_adapters(tiny_bert, BERT_ADAPTERS, tmp_path, task_type="SEQ_CLS")
+
+
+def test_mixed_batch_equals_each_example_alone_and_peft(bert_folders):
+    mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), bert_folders)
+    assert mixed.max_rank == 4 and mixed.head is not None
+    names = ["beta", BASE_ADAPTER, "alpha", "gamma", "beta", "alpha"]
+    input_ids = torch.randint(2, 120, (len(names), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = mixed(input_ids=input_ids, adapter_names=names).logits
+    expected = torch.cat([_alone(tiny_bert, None if n == BASE_ADAPTER else bert_folders[n], input_ids=input_ids[i:i + 1])
+                          for i, n in enumerate(names)])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), bert_folders["alpha"], adapter_name="alpha")
+    for name in ("beta", "gamma"):
+        theirs.load_adapter(bert_folders[name], adapter_name=name)
+    theirs.eval()
+    with torch.no_grad():
+        peft_logits = theirs(input_ids=input_ids, adapter_names=names).logits
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_one_adapter_for_every_row_and_ids_tensor(bert_folders):
+    mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), bert_folders, capacity=5)
+    input_ids = torch.randint(2, 120, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        same = mixed(input_ids=input_ids, adapter_ids=mixed.adapter_ids(["gamma"] * 3)).logits
+        base = mixed(input_ids=input_ids, adapter_names=[BASE_ADAPTER] * 3).logits
+    torch.testing.assert_close(same, _alone(tiny_bert, bert_folders["gamma"], input_ids=input_ids), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base, _alone(tiny_bert, None, input_ids=input_ids), rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_pads_ranks_exactly_and_expands_rows():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=generator)
+    a1, b1 = torch.randn(2, 6, generator=generator), torch.randn(4, 2, generator=generator)
+    a2, b2 = torch.randn(3, 6, generator=generator), torch.randn(4, 3, generator=generator)
+    lora_A = torch.zeros(3, 3, 6)
+    lora_B = torch.zeros(3, 4, 3)
+    lora_A[1, :2], lora_B[1, :, :2], lora_A[2], lora_B[2] = a1, b1, a2, b2
+    scaling = torch.tensor([0.0, 0.5, 2.0])
+    update = gathered_lora_update(x, lora_A, lora_B, scaling, torch.tensor([2, 1]))
+    torch.testing.assert_close(update[0], 2.0 * x[0] @ a2.T @ b2.T)
+    torch.testing.assert_close(update[1], 0.5 * x[1] @ a1.T @ b1.T)
+    # generate repeats each example's rows (beams): each row keeps its example's adapter
+    repeated = gathered_lora_update(x.repeat_interleave(2, 0), lora_A, lora_B, scaling, torch.tensor([2, 1]))
+    torch.testing.assert_close(repeated, update.repeat_interleave(2, 0))
+    flat = gathered_lora_update(x[:, 0], lora_A, lora_B, scaling, torch.tensor([2, 0]))  # (batch, in) input
+    torch.testing.assert_close(flat, torch.stack([update[0, 0], torch.zeros(4)]))
+    with pytest.raises(PeftkitError, match="adapter ids were given for 2 examples but a layer received a batch of 3"):
+        gathered_lora_update(torch.randn(3, 6), lora_A, lora_B, scaling, torch.tensor([2, 1]))
+
+
+def test_gradients_of_a_mixed_batch_are_the_per_adapter_sums(bert_folders):
+    mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), bert_folders, capacity=4)
+    mixed.train()  # no dropout in these adapters; BERT's own dropout is switched off below
+    for module in mixed.base_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    names = ["gamma", "alpha", "gamma", BASE_ADAPTER]
+    input_ids = torch.randint(2, 120, (4, 6), generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+
+    def loss_of(rows, row_names):
+        logits = mixed(input_ids=input_ids[rows], adapter_names=row_names).logits
+        return (logits * weights[rows]).sum()
+
+    loss_of(list(range(4)), names).backward()
+    batch_grads = [p.grad.clone() for p in mixed.slot_parameters()]
+    mixed.zero_grad()
+    for row, name in enumerate(names):  # each example alone, gradients summed
+        loss_of([row], [name]).backward()
+    for parameter, batch_grad in zip(mixed.slot_parameters(), batch_grads):
+        torch.testing.assert_close(batch_grad, parameter.grad, rtol=1e-4, atol=1e-6)
+    used = {mixed.slot(n) for n in names if n != BASE_ADAPTER}
+    for batch_grad in batch_grads:
+        for slot in range(batch_grad.shape[0]):
+            if slot not in used:  # slot 0 ("no adapter"), "beta" (not in the batch) and the empty slot 4
+                assert torch.count_nonzero(batch_grad[slot]) == 0
+    assert any(torch.count_nonzero(g[mixed.slot("gamma")]) > 0 for g in batch_grads)
+    assert all(not p.requires_grad for p in mixed.base_model.parameters() if not any(p is q for q in mixed.slot_parameters()))
+
+
+def test_gradient_matches_peftmodel_training(bert_folders):
+    # The stacked slot's gradient is the same as a PeftModel's own adapter gradient.
+    mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), {"beta": bert_folders["beta"]})
+    ours = PeftModel.from_pretrained(tiny_bert(), bert_folders["beta"], is_trainable=True)
+    input_ids = torch.randint(2, 120, (2, 5), generator=torch.Generator().manual_seed(4))
+    mixed(input_ids=input_ids, adapter_names=["beta", "beta"]).logits.square().sum().backward()
+    ours(input_ids=input_ids).logits.square().sum().backward()
+    layer = mixed.layers["bert.encoder.layer.1.attention.self.value"]
+    delta = ours.base_model.bert.encoder.layer[1].attention.self.value.adapters["default"]
+    torch.testing.assert_close(layer.lora_A.grad[1, :3], delta.lora_A.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(layer.lora_B.grad[1, :, :3], delta.lora_B.grad, rtol=1e-4, atol=1e-7)
+    assert torch.count_nonzero(layer.lora_A.grad[1, 3:]) == 0  # padding stays zero
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_with_an_adapter_per_row_equals_each_row_alone(family, tmp_path):
+    make = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if family == "llama" else ["c_attn", "c_proj", "c_fc"]
+    adapters = {"one": dict(r=4, lora_alpha=8, target_modules=targets), "two": dict(r=2, lora_alpha=8, target_modules=targets[:2])}
+    folders = _save_adapters(make, adapters, tmp_path)
+    mixed = MixedLoraModel.from_adapter_folders(make(), folders)
+    names = ["two", "one", BASE_ADAPTER]
+    prompts = torch.randint(2, 120, (3, 5), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        generated = mixed.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names, **settings)
+        beams = mixed.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names,
+                               num_beams=2, num_return_sequences=2, **settings)
+    for row, name in enumerate(names):
+        alone = make() if name == BASE_ADAPTER else PeftModel.from_pretrained(make(), folders[name])
+        with torch.no_grad():
+            expected = alone.generate(input_ids=prompts[row:row + 1], attention_mask=torch.ones_like(prompts[row:row + 1]), **settings)
+            expected_beams = alone.generate(input_ids=prompts[row:row + 1], attention_mask=torch.ones_like(prompts[row:row + 1]),
+                                            num_beams=2, num_return_sequences=2, **settings)
+        assert torch.equal(generated[row:row + 1], expected), (name, generated[row], expected)
+        assert torch.equal(beams[2 * row:2 * row + 2], expected_beams), name
+
+
+def test_load_remove_reload_copies_into_slots_without_rewrapping(bert_folders):
+    mixed = MixedLoraModel(tiny_bert(), "all-linear", capacity=2, max_rank=4, head="classifier")
+    layers_before = [(name, id(module)) for name, module in mixed.base_model.named_modules()]
+    input_ids = torch.randint(2, 120, (2, 5), generator=torch.Generator().manual_seed(6))
+    assert mixed.load_adapter("alpha", bert_folders["alpha"]) == 1
+    assert mixed.load_adapter("beta", bert_folders["beta"]) == 2
+    with torch.no_grad():
+        first = mixed(input_ids=input_ids, adapter_names=["alpha", "beta"]).logits
+    mixed.remove_adapter("alpha")
+    assert mixed.adapter_names == ["beta"]
+    assert all(torch.count_nonzero(layer.lora_A[1]) == 0 for layer in mixed.layers.values())
+    with pytest.raises(PeftkitError, match=r"no adapter named 'alpha' is loaded; loaded: beta"):
+        mixed(input_ids=input_ids, adapter_names=["alpha", "beta"])
+    assert mixed.load_adapter("gamma", bert_folders["gamma"]) == 1  # the freed slot
+    mixed.remove_adapter("gamma")
+    mixed.load_adapter("alpha", bert_folders["alpha"], tensors=None)
+    with torch.no_grad():
+        again = mixed(input_ids=input_ids, adapter_names=["alpha", "beta"]).logits
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert [(name, id(module)) for name, module in mixed.base_model.named_modules()] == layers_before
+
+
+def test_save_adapter_loads_in_peftmodel_and_peft(bert_folders, tmp_path):
+    mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), bert_folders)
+    input_ids = torch.randint(2, 120, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = mixed(input_ids=input_ids, adapter_names=["beta", "beta"]).logits
+    mixed.save_adapter("beta", tmp_path / "saved")
+    torch.testing.assert_close(_alone(tiny_bert, tmp_path / "saved", input_ids=input_ids), expected, rtol=1e-5, atol=1e-6)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-6)
+    assert mixed.adapter_bytes("beta") == sum(t.numel() * 4 for t in PeftModel.from_pretrained(
+        tiny_bert(), tmp_path / "saved").adapter_state("default").values())
+
+
+def test_added_adapters_train_with_their_own_heads(tmp_path):
+    mixed = MixedLoraModel(tiny_bert(num_labels=2), ["query", "value"], capacity=3, max_rank=8, head="classifier", max_labels=5)
+    mixed.add_adapter("two", LoraConfig(r=8, target_modules=["query", "value"]), num_labels=2)
+    mixed.add_adapter("five", LoraConfig(r=4, target_modules=["value"], init_lora_weights=False), num_labels=5)
+    assert (mixed.num_labels("two"), mixed.num_labels("five"), mixed.num_labels(BASE_ADAPTER)) == (2, 5, 2)
+    input_ids = torch.randint(2, 120, (3, 5), generator=torch.Generator().manual_seed(8))
+    logits = mixed(input_ids=input_ids, adapter_names=["two", "five", BASE_ADAPTER]).logits
+    assert logits.shape == (3, 5)
+    assert torch.isinf(logits[0, 2:]).all() and torch.isfinite(logits[1]).all() and torch.isinf(logits[2, 2:]).all()
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 4, 0]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    head = mixed.head
+    assert torch.count_nonzero(head.weight.grad[0]) == 0  # the base head never trains
+    assert torch.count_nonzero(head.weight.grad[1, :2]) > 0 and torch.count_nonzero(head.weight.grad[1, 2:]) == 0
+    with pytest.raises(PeftkitError, match="cross_entropy"):
+        mixed(input_ids=input_ids, adapter_names=["two"] * 3, labels=torch.tensor([0, 1, 0]))
+    mixed.save_adapter("five", tmp_path / "five")
+    with torch.no_grad():
+        expected = mixed(input_ids=input_ids, adapter_names=["five"] * 3).logits
+    torch.testing.assert_close(_alone(lambda: tiny_bert(num_labels=5), tmp_path / "five", input_ids=input_ids),
+                               expected, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_name_the_problem_and_the_way_out(bert_folders, tmp_path):
+    mixed = MixedLoraModel(tiny_bert(), ["query", "value"], capacity=1, max_rank=3, head="classifier")
+    with pytest.raises(PeftkitError, match=r"rank 4 at bert.encoder.layer.0.attention.self.query > max_rank 3"):
+        mixed.load_adapter("beta", bert_folders["beta"])
+    assert mixed.adapter_names == []
+    with pytest.raises(PeftkitError, match=r"does not target"):
+        mixed.load_adapter("alpha", bert_folders["alpha"])  # all-linear adapter, query/value model
+    mixed.add_adapter("mine", LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(PeftkitError, match=r"all 1 adapter slots are taken \(mine\); remove_adapter one"):
+        mixed.add_adapter("other", LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(PeftkitError, match=r"no adapter named 'nope' is loaded; loaded: mine"):
+        mixed.adapter_ids(["mine", "nope"])
+    with pytest.raises(PeftkitError, match="exactly one of adapter_ids"):
+        mixed(input_ids=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(PeftkitError, match=r"adapter_ids must lie in 0..1"):
+        mixed(input_ids=torch.ones(1, 3, dtype=torch.long), adapter_ids=torch.tensor([2]))
+
+    # another base model's shapes: both shapes named
+    from transformers import BertConfig, BertForSequenceClassification
+    wide = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=2,
+                                                    intermediate_size=64, num_labels=3, max_position_embeddings=64))
+    other = MixedLoraModel(wide, "all-linear", capacity=3, max_rank=4, head="classifier")
+    with pytest.raises(PeftkitError, match=r"lora_A \(2, 32\) and lora_B \(32, 2\) but this base model needs lora_A \(2, 48\)"):
+        other.load_adapter("alpha", bert_folders["alpha"])
+
+    dora = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(PeftkitError, match=r"DoRA adapter \(use_dora=True\); mixed batches hold plain LoRA only"):
+        other.load_adapter("dora", tmp_path / "dora")
+    ia3 = get_peft_model(tiny_bert(), IA3Config(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(PeftkitError, match=r"holds a IA3 adapter; mixed batches hold LoRA adapters only"):
+        other.load_adapter("ia3", tmp_path / "ia3")
+    with pytest.raises(PeftkitError, match=r"is a Embedding; this method adapts only Linear"):
+        MixedLoraModel(tiny_bert(), ["query", "word_embeddings"], capacity=1, max_rank=2)
+    saved_pooler = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler"]))
+    saved_pooler.save_pretrained(tmp_path / "pooler")
+    fresh = MixedLoraModel(tiny_bert(), ["query"], capacity=1, max_rank=2, head="classifier")
+    with pytest.raises(PeftkitError, match=r"also saves modules \['bert.pooler.dense'\]"):
+        fresh.load_adapter("pooler", tmp_path / "pooler")
+    assert other.adapter_names == [] and fresh.adapter_names == []
