@@ -71,6 +71,8 @@ def _add_train_parser(commands) -> None:
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
+    parser.add_argument("--quantize", default=None, choices=["nf4", "int8"], help="store the frozen base's linear weights "
+                        "as 4-bit NF4 (QLoRA-style, double-quantized scales) or int8, dequantized on the fly")
 
     common = parser.add_argument_group(
         "method options", "each applies to the methods whose config has the field; --set reaches any config field")
@@ -92,6 +94,8 @@ def _add_train_parser(commands) -> None:
     loop = parser.add_argument_group("training")
     loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2, bitfit 4; 1 for chat tasks)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    loop.add_argument("--max-minutes", type=float, default=None, help="time budget: stop after the step that passes this many "
+                      "minutes of training (evaluation excluded), then evaluate and save as at a normal end")
     loop.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 32; 8 for chat tasks)")
     loop.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
     loop.add_argument("--weight-decay", type=float, default=0.0)
@@ -188,7 +192,7 @@ def _train(args) -> int:
     output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{task_label}-{args.method}")
     training = dict(
         epochs=args.epochs if args.epochs is not None else (1 if causal else None),  # None: the method's default
-        max_steps=args.max_steps, batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
+        max_steps=args.max_steps, max_time_s=None if args.max_minutes is None else 60 * args.max_minutes, batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
@@ -209,7 +213,7 @@ def _train(args) -> int:
         args.model, args.task, args.method, output_dir, config=config, method_options=options,
         training=training, max_length=args.max_length or 128, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
-        seed=args.seed,
+        seed=args.seed, quantize=args.quantize,
     )
     if not main_process:
         return 0
@@ -236,6 +240,7 @@ def _train_causal(args, config, options, training, output_dir) -> int:
         args.model, args.task, args.method, output_dir, config=config, method_options=options, training=training,
         max_length=args.max_length or 256, packing=args.packing, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples if args.max_eval_examples is not None else 200, seed=args.seed,
+        quantize=args.quantize,
     )
     loss = "n/a (no validation split)" if result.validation_loss is None else f"{result.validation_loss:.4f}"
     token_accuracy = result.validation_token_accuracy
@@ -418,6 +423,11 @@ def _merge(args) -> int:
     else:
         model, tokenizer, _ = load_run(args.adapter, model=args.model)
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    from peftkit.quantize import dequantize_merged
+
+    note = dequantize_merged(plain)  # a quantized base: the merge error, and float layers transformers can load
+    if note:
+        print(note)
     # Written beside the target, then renamed: an interrupted merge leaves no half model folder.
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     plain.save_pretrained(partial)
@@ -598,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_chat_parser(commands)
     _add_export_parser(commands)
+    __import__("peftkit.serve.command").serve.command.add_serve_parser(commands, _DefaultsHelpFormatter)
+    __import__("peftkit.merging").merging.add_combine_parser(commands)
+    from peftkit.bench.compare import add_compare_parser
+
+    add_compare_parser(commands)
     return parser
 
 

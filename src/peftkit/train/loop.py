@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -61,6 +62,10 @@ class TrainingArguments:
     output_dir: str
     epochs: float = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs
+    # A time budget: stop after the optimizer step that brings this invocation's training time (steps
+    # only, evaluation and saving excluded) to max_time_s, then evaluate and save as at a normal end.
+    # The learning-rate schedule still spans epochs / max_steps, so a cut run ends before its decay does.
+    max_time_s: float | None = None
     batch_size: int = 32
     eval_batch_size: int = 64
     learning_rate: float = 5e-4
@@ -97,6 +102,8 @@ class TrainingArguments:
         if self.max_steps is None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise PeftkitError(f"TrainingArguments.epochs must be > 0 (or set max_steps), got {self.epochs!r}")
         positive_int("max_steps", self.max_steps, allow_none=True)
+        if self.max_time_s is not None and (isinstance(self.max_time_s, bool) or not self.max_time_s > 0):
+            raise PeftkitError(f"TrainingArguments.max_time_s must be > 0 seconds (or None: no time budget), got {self.max_time_s!r}")
         positive_int("batch_size", self.batch_size)
         positive_int("eval_batch_size", self.eval_batch_size)
         positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
@@ -152,6 +159,9 @@ class TrainResult:
     global_batch_size: int  # examples per optimizer step
     resumed_from: str | None
     output_dir: str
+    # This invocation: median seconds of an optimizer step (batches, forward, backward, optimizer; no evaluation).
+    median_step_time_s: float | None = None
+    stopped_by_time_limit: bool = False  # max_time_s ended the run before epochs / max_steps did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -391,10 +401,12 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
         else None
     )
     train_time = 0.0
+    step_times: list[float] = []
+    out_of_time = False
     examples_this_run = 0
     last_saved_step = state.step if resume_from is not None else None
 
-    while state.step < total_steps:
+    while state.step < total_steps and not out_of_time:
         order = epoch_order(state.epoch)
         batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
@@ -437,7 +449,8 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
                 loss_value if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss_value
             )
             examples_this_run += step_examples
-            train_time += time.perf_counter() - step_started
+            step_times.append(time.perf_counter() - step_started)
+            train_time += step_times[-1]
             if progress_bar is not None:
                 progress_bar.set_postfix(
                     loss=f"{state.smoothed_loss:.4f}",
@@ -460,8 +473,13 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
             if epoch_done or (args.save_steps is not None and state.step % args.save_steps == 0):
                 save_checkpoint()
                 last_saved_step = state.step
-            if epoch_done:
-                break  # the next epoch has its own order
+            if args.max_time_s is not None and state.step < total_steps:
+                out_of_time = train_time >= args.max_time_s
+                if world > 1:  # every process stops at the same step, or DDP would wait forever
+                    flag = torch.tensor([float(out_of_time)], device=accelerator.device)
+                    out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if epoch_done or out_of_time:
+                break  # the next epoch has its own order; out of time, the end of the run follows
 
     # The run may stop mid-epoch (max_steps, fractional epochs): evaluate and save that last step too.
     recorded_at_end = True
@@ -507,6 +525,8 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
         global_batch_size=global_batch * args.gradient_accumulation_steps,
         resumed_from=str(resume_from) if resume_from is not None else None,
         output_dir=str(output_dir),
+        median_step_time_s=statistics.median(step_times) if step_times else None,
+        stopped_by_time_limit=out_of_time,
     )
     if accelerator.is_main_process:
         write_json(output_dir / METRICS_FILENAME, result.to_dict())
