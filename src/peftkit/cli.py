@@ -600,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_chat_parser(commands)
     _add_export_parser(commands)
+    __import__("peftkit.serve.command").serve.command.add_serve_parser(commands, _DefaultsHelpFormatter)
     from peftkit.bench.compare import add_compare_parser
 
     add_compare_parser(commands)

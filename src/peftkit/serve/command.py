@@ -1,0 +1,89 @@
+"""`peftkit serve`: the command-line front of peftkit.serve (registered by peftkit.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _byte_count(text: str) -> int:
+    """'256MiB', '1.5GB', '0' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            number = lowered[: -len(unit)].strip()
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB, 1GB or 1000000, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value * factor)
+
+
+def add_serve_parser(commands, formatter_class=argparse.HelpFormatter) -> None:
+    from peftkit import zoo
+    from peftkit.serve.server import ServeSettings
+
+    defaults = ServeSettings()
+    parser = commands.add_parser(
+        "serve", help="serve a base model and a directory of LoRA adapters over HTTP (mixed-adapter batches)",
+        description="An HTTP server (FastAPI + uvicorn) for one base model and a folder of LoRA adapters, one subfolder "
+                    "each (what peftkit train writes to <run>/adapter, or whole run folders). Classification models answer "
+                    "POST /v1/classify; causal LMs answer OpenAI-compatible /v1/completions and /v1/chat/completions with "
+                    "model = adapter name. Requests for different adapters that arrive together run as one batch.",
+        formatter_class=formatter_class,
+    )
+    parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
+    parser.add_argument("--adapters", required=True, help="folder with one subfolder per adapter")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    batching = parser.add_argument_group("batching")
+    batching.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="rows (texts or prompts) per batch")
+    batching.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                          help="how long the oldest waiting request waits for others to join its batch")
+    batching.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before answering 503")
+    batching.add_argument("--no-mixed-batching", action="store_true",
+                          help="each batch holds requests for one adapter only (for comparison)")
+    cache = parser.add_argument_group("adapter cache")
+    cache.add_argument("--capacity", type=int, default=None, help="adapter slots in the model (default: adapters found, at most 16)")
+    cache.add_argument("--cache-bytes", type=_byte_count, default=defaults.cache_bytes,
+                       help="adapters kept in memory after reading from disk, e.g. 256MiB (0 = re-read on every slot miss)")
+    cache.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank servable (default: the largest found)")
+    cache.add_argument("--max-labels", type=int, default=None, help="most classes an adapter may have (default: the most found)")
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument("--max-texts", type=int, default=defaults.max_texts, help="texts per classify request, prompts per completion request")
+    limits.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars, help="characters per text, prompt or message")
+    limits.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text for classification (truncated)")
+    limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")
+    limits.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    limits.add_argument("--max-body-bytes", type=_byte_count, default=defaults.max_body_bytes)
+    parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    parser.set_defaults(handler=serve_command)
+
+
+def serve_command(args) -> int:
+    from peftkit.serve.app import run
+    from peftkit.serve.server import load_server, settings_from
+
+    settings = settings_from(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        mixed_batching=not args.no_mixed_batching, capacity=args.capacity, cache_bytes=args.cache_bytes,
+        max_rank=args.max_rank, max_labels=args.max_labels, max_texts=args.max_texts, max_text_chars=args.max_text_chars,
+        max_length=args.max_length, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=args.max_body_bytes,
+    )
+    server = load_server(args.model, args.adapters, settings)
+    plan = server.plan
+    print(f"peftkit serve: {server.model_name} ({server.kind}), {len(plan.servable)} adapters in {server.directory.root}, "
+          f"{plan.capacity} slots (max rank {plan.max_rank}), mixed batching {'on' if settings.mixed_batching else 'off'}, "
+          f"batches of up to {settings.max_batch_size} rows after at most {settings.max_wait_ms:g} ms",
+          file=sys.stderr, flush=True)
+    for name, problem in plan.problems.items():
+        print(f"peftkit serve: not serving {name!r}: {problem}", file=sys.stderr, flush=True)
+    run(server, host=args.host, port=args.port, access_log=not args.no_access_log)
+    return 0
