@@ -71,6 +71,8 @@ def _add_train_parser(commands) -> None:
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
+    parser.add_argument("--quantize", default=None, choices=["nf4", "int8"], help="store the frozen base's linear weights "
+                        "as 4-bit NF4 (QLoRA-style, double-quantized scales) or int8, dequantized on the fly")
 
     common = parser.add_argument_group(
         "method options", "each applies to the methods whose config has the field; --set reaches any config field")
@@ -211,7 +213,7 @@ def _train(args) -> int:
         args.model, args.task, args.method, output_dir, config=config, method_options=options,
         training=training, max_length=args.max_length or 128, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, text_column=args.text_column, label_column=args.label_column,
-        seed=args.seed,
+        seed=args.seed, quantize=args.quantize,
     )
     if not main_process:
         return 0
@@ -238,6 +240,7 @@ def _train_causal(args, config, options, training, output_dir) -> int:
         args.model, args.task, args.method, output_dir, config=config, method_options=options, training=training,
         max_length=args.max_length or 256, packing=args.packing, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples if args.max_eval_examples is not None else 200, seed=args.seed,
+        quantize=args.quantize,
     )
     loss = "n/a (no validation split)" if result.validation_loss is None else f"{result.validation_loss:.4f}"
     token_accuracy = result.validation_token_accuracy
@@ -420,6 +423,11 @@ def _merge(args) -> int:
     else:
         model, tokenizer, _ = load_run(args.adapter, model=args.model)
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    from peftkit.quantize import dequantize_merged
+
+    note = dequantize_merged(plain)  # a quantized base: the merge error, and float layers transformers can load
+    if note:
+        print(note)
     # Written beside the target, then renamed: an interrupted merge leaves no half model folder.
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     plain.save_pretrained(partial)

@@ -283,10 +283,18 @@ class AdaptedModule(nn.Module):
 
     def _merge_one(self, adapter_name: str, unmerged_weight: torch.Tensor | None) -> None:
         delta = self.adapters[adapter_name]
-        if delta.merge_reads_base_weight:
-            delta.merge(self.base_layer, unmerged_weight=unmerged_weight)
+
+        def merge(base_layer):
+            if delta.merge_reads_base_weight:
+                delta.merge(base_layer, unmerged_weight=unmerged_weight)
+            else:
+                delta.merge(base_layer)
+
+        if getattr(self.base_layer, "is_quantized", False) and not delta.replaces_base:
+            # A quantized base holds codes, not a weight to add into: merge into a float copy, requantize.
+            self.base_layer.merge_requantized(merge, owner=delta)
         else:
-            delta.merge(self.base_layer)
+            merge(self.base_layer)
         self.merged_adapters.append(adapter_name)
 
     def _weight_without_merged_adapters(self) -> torch.Tensor:
@@ -302,7 +310,18 @@ class AdaptedModule(nn.Module):
     def unmerge(self, adapter_name: str) -> None:
         if adapter_name not in self.merged_adapters:
             return
-        self.adapters[adapter_name].unmerge(self.base_layer)
+        delta = self.adapters[adapter_name]
+        if getattr(self.base_layer, "is_quantized", False) and not delta.replaces_base:
+            # Requantizing is lossy, so restore the codes saved before this merge; later merges are redone.
+            later = self.merged_adapters[self.merged_adapters.index(adapter_name) + 1:]
+            for name in reversed(later):
+                self.unmerge(name)
+            self.base_layer.restore_before_merge(delta)
+            self.merged_adapters.remove(adapter_name)
+            for name in later:
+                self.merge(name)
+            return
+        delta.unmerge(self.base_layer)
         self.merged_adapters.remove(adapter_name)
 
     def extra_repr(self) -> str:
@@ -371,7 +390,7 @@ def attach_delta(model: nn.Module, module_name: str, adapter_name: str, make_del
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
+    for tensor in (*module.parameters(), *module.buffers()):  # a quantized layer may hold buffers only
         return tensor.device
     return torch.device("cpu")
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from peftkit import io, zoo
+from peftkit import quantize as quantization
 from peftkit.config import PeftConfig
 from peftkit.errors import PeftkitError
 from peftkit.model import PeftModel, get_peft_model
@@ -30,6 +31,7 @@ from peftkit.train.job import (
     METHOD_DEFAULTS,
     folder_bytes,
     method_config,
+    quantize_like_run,
     read_run_info,
     save_run,
 )
@@ -95,6 +97,7 @@ class InstructJobResult:
     output_dir: str
     adapter_dir: str
     serving_problems: list[str]
+    quantize: str | None = None  # the frozen base's linear weights: None (float), "nf4" or "int8"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,23 +118,29 @@ def train_causal_lm(
     max_eval_examples: int | None = 200,
     seed: int = 0,
     log=None,
+    quantize: str | None = None,
 ) -> InstructJobResult:
     """Supervised fine-tuning of `method` on a chat / instruction `task`; the best adapter goes to output_dir/adapter.
 
     `training` holds TrainingArguments fields (epochs, batch_size, learning_rate, gradient_checkpointing,
     ...); the best checkpoint is the one with the lowest validation loss. `max_eval_examples` bounds the
     validation conversations scored during training (loss and token accuracy; exact match is
-    `evaluate_generation`). `log(text)` receives progress messages (default: stderr).
+    `evaluate_generation`). `log(text)` receives progress messages (default: stderr). `quantize` ("nf4"
+    or "int8") stores the frozen base's linear weights quantized (peftkit.quantize).
     """
     started = time.perf_counter()
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     output_dir = Path(output_dir)
     peft_config = config or causal_method_config(method, **(method_options or {}))  # bad options fail before loading
+    if quantize is not None:
+        quantization.check_method(method)
+        quantization.check_scheme(quantize, 64)
     data = chat.load_chat_task(task)
     if not data.train:
         raise PeftkitError(f"task {task!r} has no training conversations")
     evaluation = data.validation or data.test
     base, tokenizer = zoo.load_causal_lm(model, seed=seed)
+    quantized = quantization.quantize_model(base, quantize, task_type="CAUSAL_LM").settings() if quantize else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         wrapped = get_peft_model(base, peft_config)
@@ -159,7 +168,7 @@ def train_causal_lm(
     model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
     task_id = str(task) if str(task) in chat.list_instruct_tasks() else str(Path(task).resolve())
     save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method, kind="causal",
-             max_length=max_length)
+             max_length=max_length, quantize=quantized)
     from peftkit.export import serving_problems
 
     problems = [] if wrapped.is_full_finetune else serving_problems(wrapped)
@@ -176,6 +185,7 @@ def train_causal_lm(
         examples_per_second=result.examples_per_second, steps=result.steps,
         truncated_examples=stats.truncated, dropped_examples=stats.dropped,
         output_dir=str(output_dir), adapter_dir=str(adapter_dir), serving_problems=problems,
+        quantize=quantize,
     )
     io.write_json(output_dir / "job.json", job.to_dict())
     return job
@@ -206,6 +216,7 @@ def load_causal_run(folder: str | os.PathLike, model: str | None = None):
     if base_name is None:
         raise PeftkitError(f"{folder} does not say which base model it adapts; pass --model NAME_OR_FOLDER")
     base, tokenizer = zoo.load_causal_lm(base_name)
+    quantize_like_run(base, info, task_type="CAUSAL_LM")
     _check_same_base(folder, base)
     wrapped = PeftModel.from_pretrained(base, folder)
     return wrapped.eval(), tokenizer, info

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from peftkit import io, zoo
+from peftkit import quantize as quantization
 from peftkit.config import PeftConfig
 from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLoraConfig
@@ -141,6 +142,7 @@ class JobResult:
     steps: int
     output_dir: str
     adapter_dir: str
+    quantize: str | None = None  # the frozen base's linear weights: None (float), "nf4" or "int8"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,20 +163,26 @@ def train_classifier(
     text_column: str = "text",
     label_column: str = "label",
     seed: int = 0,
+    quantize: str | None = None,
 ) -> JobResult:
     """Train `method` on `task` with base `model`; save the best adapter to `output_dir/adapter`.
 
     `training` holds TrainingArguments fields (epochs, batch_size, learning_rate, ...). Returns the
     measured result (validation accuracy, trainable share, adapter size, time, peak memory).
+    `quantize` ("nf4" or "int8") stores the frozen base's linear weights quantized (peftkit.quantize).
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
     peft_config = config or method_config(method, **(method_options or {}))  # bad options fail before any loading
+    if quantize is not None:
+        quantization.check_method(method)
+        quantization.check_scheme(quantize, 64)
     data = zoo.load_task(task, text_column=text_column, label_column=label_column)
     if not data.train:
         raise PeftkitError(f"task {task!r} has no training examples")
     evaluation = data.validation or data.test
     base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
+    quantized = quantization.quantize_model(base, quantize, task_type="SEQ_CLS").settings() if quantize else None
     # The adapter's initialization (LoRA's A) draws from the global torch RNG: seed it, so that a job
     # is repeatable given `seed`, without touching the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
@@ -200,7 +208,7 @@ def train_classifier(
     if _is_main_process():
         save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method,
                  label_names=data.label_names, max_length=max_length, text_column=text_column,
-                 label_column=label_column)
+                 label_column=label_column, quantize=quantized)
     report = wrapped.trainable_parameters_report()
     best = result.best_eval or result.final_eval or {}
     job = JobResult(
@@ -210,7 +218,7 @@ def train_classifier(
         adapter_bytes=folder_bytes(adapter_dir), wall_time_s=time.perf_counter() - started,
         train_time_s=result.wall_time_s, peak_rss_mb=result.peak_rss_mb,
         examples_per_second=result.examples_per_second, steps=result.steps,
-        output_dir=str(output_dir), adapter_dir=str(adapter_dir),
+        output_dir=str(output_dir), adapter_dir=str(adapter_dir), quantize=quantize,
     )
     if _is_main_process():
         io.write_json(output_dir / "job.json", job.to_dict())
@@ -261,8 +269,15 @@ def load_run(folder: str | os.PathLike, model: str | None = None):
     labels = info.get("label_names")
     num_labels = len(labels) if labels else _num_labels_from_adapter(folder)
     base, tokenizer = zoo.load_classifier(base_name, num_labels=num_labels, id2label=labels)
+    quantize_like_run(base, info, task_type="SEQ_CLS")
     wrapped = PeftModel.from_pretrained(base, folder)
     return wrapped.eval(), tokenizer, info
+
+
+def quantize_like_run(base, info: dict[str, Any], task_type: str | None = None) -> None:
+    """Quantize a freshly loaded base as the run's was (its `quantize` entry), before loading the adapter."""
+    if info.get("quantize"):
+        quantization.quantize_model(base, **info["quantize"], task_type=task_type)
 
 
 def _num_labels_from_adapter(folder: Path) -> int:
