@@ -267,3 +267,94 @@ def test_errors_name_the_problem_and_the_way_out(bert_folders, tmp_path):
     with pytest.raises(PeftkitError, match=r"also saves modules \['bert.pooler.dense'\]"):
         fresh.load_adapter("pooler", tmp_path / "pooler")
     assert other.adapter_names == [] and fresh.adapter_names == []
+
+
+# -- PeftModel(..., adapter_names=[...]) --------------------------------------------------------------
+
+def _peft_model_with(make_model, folders, is_trainable=False):
+    first, *rest = folders
+    model = PeftModel.from_pretrained(make_model(), folders[first], adapter_name=first, is_trainable=is_trainable)
+    for name in rest:
+        model.load_adapter(folders[name], adapter_name=name, is_trainable=is_trainable)
+    return model
+
+
+def test_peftmodel_adapter_names_equals_each_example_alone_and_peft(bert_folders):
+    ours = _peft_model_with(tiny_bert, bert_folders)
+    names = ["gamma", "alpha", BASE_ADAPTER, "beta", "gamma"]
+    input_ids = torch.randint(2, 120, (len(names), 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        logits = ours(input_ids=input_ids, adapter_names=names).logits
+        again = ours(input_ids=input_ids, adapter_names=names).logits  # from the kept stacks
+    expected = torch.cat([_alone(tiny_bert, None if n == BASE_ADAPTER else bert_folders[n], input_ids=input_ids[i:i + 1])
+                          for i, n in enumerate(names)])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), bert_folders["alpha"], adapter_name="alpha")
+    for name in ("beta", "gamma"):
+        theirs.load_adapter(bert_folders[name], adapter_name=name)
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, theirs(input_ids=input_ids, adapter_names=names).logits, rtol=1e-5, atol=1e-6)
+        # the active adapter is untouched by a mixed call
+        ours.set_adapter("beta")
+        torch.testing.assert_close(ours(input_ids=input_ids).logits, _alone(tiny_bert, bert_folders["beta"], input_ids=input_ids))
+        # changed weights are seen (the kept stacks are rebuilt)
+        ours.base_model.bert.encoder.layer[0].attention.self.key.adapters["gamma"].lora_B.mul_(3)
+        changed = ours(input_ids=input_ids, adapter_names=names).logits
+    assert not torch.allclose(changed[0], logits[0]) and torch.equal(changed[1:4], logits[1:4])
+
+
+def test_peftmodel_adapter_names_gradients_are_per_adapter_sums(bert_folders):
+    ours = _peft_model_with(tiny_bert, bert_folders, is_trainable=True)
+    ours.set_adapter(["alpha", "beta", "gamma"])  # all trainable
+    names = ["beta", "alpha", "beta"]
+    input_ids = torch.randint(2, 120, (3, 5), generator=torch.Generator().manual_seed(10))
+    ours(input_ids=input_ids, adapter_names=names).logits.square().sum().backward()
+    trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    batch_grads = {n: None if p.grad is None else p.grad.clone() for n, p in trainable}
+    ours.zero_grad()
+    for row, name in enumerate(names):
+        ours(input_ids=input_ids[row:row + 1], adapter_names=[name]).logits.square().sum().backward()
+    for name, parameter in trainable:
+        if ".gamma" in name:  # not in the batch
+            assert batch_grads[name] is None or torch.count_nonzero(batch_grads[name]) == 0
+        else:
+            torch.testing.assert_close(batch_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
+    assert any(".alpha" in n and g is not None and torch.count_nonzero(g) for n, g in batch_grads.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peftmodel_generate_with_adapter_names(family, tmp_path):
+    make = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
+    targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["c_attn", "c_fc"]
+    folders = _save_adapters(make, {"one": dict(r=4, target_modules=targets), "two": dict(r=2, target_modules=targets[:1])}, tmp_path)
+    ours = _peft_model_with(make, folders)
+    names = ["one", BASE_ADAPTER, "two"]
+    prompts = torch.randint(2, 120, (3, 4), generator=torch.Generator().manual_seed(11))
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
+    with torch.no_grad():
+        generated = ours.generate(input_ids=prompts, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        alone = make() if name == BASE_ADAPTER else PeftModel.from_pretrained(make(), folders[name])
+        settings["attention_mask"] = torch.ones_like(prompts[row:row + 1])
+        with torch.no_grad():
+            assert torch.equal(generated[row:row + 1], alone.generate(input_ids=prompts[row:row + 1], **settings)), name
+
+
+def test_peftmodel_adapter_names_refuses_what_it_cannot_mix(bert_folders, tmp_path):
+    ours = _peft_model_with(tiny_bert, bert_folders)
+    input_ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(PeftkitError, match=r"no adapter named 'delta'; adapters on this model: alpha, beta, gamma"):
+        ours(input_ids=input_ids, adapter_names=["alpha", "delta"])
+    ours.add_adapter("dora", LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    ours.add_adapter("ia3", IA3Config(target_modules=["key"], feedforward_modules=[]))
+    with pytest.raises(PeftkitError, match=r"DoRA adapter"):
+        ours(input_ids=input_ids, adapter_names=["alpha", "dora"])
+    with pytest.raises(PeftkitError, match=r"adapter 'ia3' is IA3; adapter_names mixes LoRA adapters only"):
+        ours(input_ids=input_ids, adapter_names=["ia3", "alpha"])
+    with pytest.raises(PeftkitError, match=r"one adapter name \(str\) per example"):
+        ours(input_ids=input_ids, adapter_names="alpha")
+    with pytest.raises(PeftkitError, match=r"adapter ids were given for 3 examples but a layer received a batch of 2"):
+        ours(input_ids=input_ids, adapter_names=["alpha", "beta", "gamma"])
+    assert not any(m.disabled for _, m in __import__("peftkit.methods.base", fromlist=["x"]).adapted_modules(ours.base_model))

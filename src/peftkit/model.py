@@ -24,6 +24,7 @@ from peftkit.methods import full, method_for
 from peftkit.methods.base import (
     AdaptedModule, Attached, ModelAdapter, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper,
 )
+from peftkit.mixed import running_adapter_names
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, describe_module_names, name_matches
 
 
@@ -69,13 +70,21 @@ class PeftModel(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base_model"), name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward. adapter_names (peft's keyword): one LoRA adapter name per example,
+        "__base__" for none; the examples then run together, each with its own adapter (peftkit.mixed)."""
+        if adapter_names is not None:
+            with running_adapter_names(self, adapter_names):
+                return self.base_model(*args, **kwargs)
         owner = self._intercepting_adapter()
         if owner is not None:
             return owner(self.base_model, *args, **kwargs)
         return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is not None:  # one adapter per row, as in forward
+            with running_adapter_names(self, adapter_names):
+                return self.base_model.generate(*args, **kwargs)
         owner = self._intercepting_adapter()
         if owner is not None:
             if args:
