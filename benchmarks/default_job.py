@@ -21,37 +21,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+# The measuring is the library's (peftkit compare uses it too); the other benchmark scripts import it from here.
+from peftkit.bench.compare import peftkit_command, run_measured  # noqa: F401
+from peftkit.bench.report import human_bytes  # noqa: F401
+
 TARGET_WALL_TIME_S = 600.0
 TARGET_ACCURACY = 0.85
 RUN_FOLDER = Path("runs") / "minilm-sst2-lora"  # where `peftkit train` puts the default run
-
-
-def peftkit_command() -> list[str]:
-    """The `peftkit` console script of this Python (a venv's bin), else the one on PATH."""
-    script = Path(sys.executable).parent / "peftkit"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("peftkit")
-    return [found] if found else [sys.executable, "-m", "peftkit.cli"]
-
-
-def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[float, float, int]:
-    """Run `command` in `cwd` with output to `log_path`: (wall seconds, peak RSS MiB, exit code)."""
-    with open(log_path, "wb") as log:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    # ru_maxrss is in KiB on Linux.
-    return wall, usage.ru_maxrss / 1024, process.returncode
 
 
 def write_results_json(path: str | os.PathLike, payload: dict) -> None:
@@ -76,14 +57,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None,
@@ -105,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = workdir / "train.log"
     load_before = load_average()
     print(f"running `peftkit train` in {workdir} (log: {log_path}); load average before: {load_before}", flush=True)
-    wall, peak_rss_mb, code = run_measured(command, workdir, log_path)
+    wall, peak_rss_mb, code = run_measured(command, log_path, cwd=workdir)
     load_after = load_average()
     if code != 0:
         print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)

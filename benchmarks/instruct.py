@@ -54,7 +54,7 @@ def run_method(method: str, args, workdir: Path) -> dict:
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"{method}: {' '.join(train)}", flush=True)
-    wall, peak_mb, code = run_measured(train, workdir, workdir / f"{method}-train.log")
+    wall, peak_mb, code = run_measured(train, workdir / f"{method}-train.log", cwd=workdir)
     if code != 0:
         tail = (workdir / f"{method}-train.log").read_text(errors="replace").strip().splitlines()[-3:]
         return {"method": method, "failed": True, "error": " | ".join(tail)}

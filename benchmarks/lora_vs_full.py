@@ -28,41 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from peftkit.bench.compare import peftkit_command, run_measured
+from peftkit.bench.report import human_bytes
+
 TARGET_GAP_POINTS = 1.5
-
-
-def peftkit_command() -> list[str]:
-    """The `peftkit` console script of this Python (a venv's bin), else the one on PATH."""
-    script = Path(sys.executable).parent / "peftkit"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("peftkit")
-    return [found] if found else [sys.executable, "-m", "peftkit.cli"]
-
-
-def run_measured(command: list[str], log_path: Path) -> tuple[float, float, int]:
-    """Run `command` with output to `log_path`: (wall seconds, peak RSS MiB, exit code)."""
-    with open(log_path, "wb") as log:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)  # ru_maxrss: KiB on Linux
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 def learning_rates(text: str) -> list[float]:

@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_job import peftkit_command, run_measured, write_results_json  # noqa: E402
 
+from peftkit.bench.compare import saved_config  # noqa: E402
+from peftkit.bench.report import describe_config, human_bytes  # noqa: E402
 from peftkit.train.job import default_epochs, default_learning_rate  # noqa: E402
 
 TARGET_GAP_POINTS = 3.0
@@ -60,13 +62,13 @@ def run_method(method: str, args, workdir: Path, earlier: dict[str, dict]) -> di
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     print(f"{method}: {' '.join(command)}", flush=True)
     log = workdir / f"{method}.log"
-    wall, peak_mb, code = run_measured(command, workdir, log)
+    wall, peak_mb, code = run_measured(command, log, cwd=workdir)
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         print(f"{method}: FAILED (exit {code}): {' | '.join(tail)}", flush=True)
         return {"method": method, "failed": True, "error": " | ".join(tail), "command": command[1:]}
     job = json.loads((run_dir / "job.json").read_text())
-    config = _saved_config(run_dir / "adapter")
+    config = saved_config(run_dir / "adapter")
     row = {
         "method": method, "command": command[1:], "failed": False,
         "accuracy": job["validation_accuracy"], "trainable_parameters": job["trainable_parameters"],
@@ -101,40 +103,6 @@ def _same_command(a: list[str], b: list[str]) -> bool:
         return out
 
     return strip(a) == strip(b)
-
-
-def _saved_config(folder: Path) -> dict:
-    for name in ("adapter_config.json", "peftkit_full_finetune.json"):
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
-    return {}
-
-
-_SHOWN_FIELDS = ("r", "lora_alpha", "alpha", "use_dora", "target_modules", "init_r", "target_r", "num_virtual_tokens",
-                 "encoder_hidden_size", "prefix_projection", "bottleneck_size", "placement", "budget", "importance",
-                 "last_k", "feedforward_modules")
-
-
-def describe(config: dict) -> str:
-    parts = []
-    for field in _SHOWN_FIELDS:
-        value = config.get(field)
-        if value in (None, False, [], {}):
-            continue
-        if field == "target_modules" and isinstance(value, list) and len(value) > 4:
-            value = f"{len(value)} modules"
-        elif isinstance(value, list):
-            value = ",".join(map(str, value))
-        parts.append(f"{field}={value}")
-    return " ".join(parts)
-
-
-def human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 def main() -> int:
@@ -211,7 +179,7 @@ def main() -> int:
             continue
         gap = None if full is None or row is full else 100 * (row["accuracy"] - full["accuracy"])
         lines.append(
-            f"| {row['method']} | {describe(row['config'])} | {row['learning_rate'] or ''} | {row.get('epochs', 2):g} | {100 * row['accuracy']:.2f}% | "
+            f"| {row['method']} | {describe_config(row['config'])} | {row['learning_rate'] or ''} | {row.get('epochs', 2):g} | {100 * row['accuracy']:.2f}% | "
             f"{'' if gap is None else f'{gap:+.2f}'} | {row['trainable_parameters']:,d} | {100 * row['trainable_share']:.3f}% | "
             f"{human_bytes(row['adapter_bytes'])} | {row['steps']} | {row['peak_rss_mb']:,.0f} MiB |"
         )

@@ -247,7 +247,8 @@ def _learning_rate(method: str, train_args: Sequence[str]) -> float:
     return default_learning_rate(method)
 
 
-def _saved_config(adapter_dir: Path) -> dict:
+def saved_config(adapter_dir: Path) -> dict:
+    """The config a run saved: adapter_config.json, or peftkit_full_finetune.json for full fine-tuning."""
     for name in ("adapter_config.json", "peftkit_full_finetune.json"):
         if (adapter_dir / name).is_file():
             return json.loads((adapter_dir / name).read_text(encoding="utf-8"))
@@ -306,7 +307,7 @@ def run_method(method: str, *, model: str, task: str, run_dir: Path, budget: Bud
         trainable_share=job["trainable_share"], adapter_bytes=job["adapter_bytes"], steps=job["steps"],
         train_time_s=job["train_time_s"], median_step_time_s=metrics.get("median_step_time_s"),
         stopped_by_time_limit=metrics.get("stopped_by_time_limit", False), best_step=metrics.get("best_step"),
-        peak_cuda_memory_mb=metrics.get("peak_cuda_memory_mb"), config=_saved_config(Path(job["adapter_dir"])),
+        peak_cuda_memory_mb=metrics.get("peak_cuda_memory_mb"), config=saved_config(Path(job["adapter_dir"])),
     )
     from peftkit.io import write_json
 
