@@ -57,7 +57,7 @@ class ServeSettings:
     max_rank: int | None = None  # largest LoRA rank servable (default: the largest found)
     max_labels: int | None = None  # most classes an adapter may have (default: the most found)
     target_modules: list[str] | str | None = None  # modules adapters may target (default: those found; all-linear if none)
-    max_texts: int = 32  # texts per /v1/classify request (and prompts per /v1/completions)
+    max_texts: int | None = None  # texts per /v1/classify request, prompts per /v1/completions (default: max_batch_size)
     max_text_chars: int = 4000  # characters per text, prompt or chat message
     max_length: int = 128  # tokens per text for classification (longer texts are truncated)
     max_tokens: int = 256  # completion tokens per request
@@ -65,6 +65,8 @@ class ServeSettings:
     max_body_bytes: int = 1 * 2**20  # request body size
 
     def check(self) -> None:
+        if self.max_texts is None:
+            self.max_texts = self.max_batch_size
         for name in ("max_batch_size", "max_queue", "max_texts", "max_text_chars", "max_length", "max_tokens",
                      "max_prompt_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
