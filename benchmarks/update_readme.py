@@ -42,6 +42,14 @@ def section() -> str:
         note = f"\n{data['note'].strip()}\n" if data.get("note") else ""
         parts.append(f"### {title}\n\n`{data.get('command', 'python benchmarks/' + path.stem + '.py')}`{when}\n\n"
                      f"{data['markdown'].strip()}\n{note}")
+    from peftkit.bench.report import SUMMARY_PLOT, markdown_section
+
+    for path in sorted(RESULTS.glob("compare_*/results.json")):  # written by `peftkit compare --output-dir`
+        data = json.loads(path.read_text())
+        settings, figure = data["settings"], path.parent / SUMMARY_PLOT
+        plot = figure.relative_to(ROOT).as_posix() if figure.is_file() else None
+        parts.append(f"### Methods side by side (`peftkit compare`): {settings['model']} / {settings['task']}\n\n"
+                     f"{markdown_section(data['rows'], settings, plot)}")
     return "\n".join(parts) if parts else "(not measured yet)\n"
 
 

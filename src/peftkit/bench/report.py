@@ -192,13 +192,17 @@ def _markdown_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any], plot: str | None = None) -> str:
-    parts = [f"# peftkit compare: {settings['model']} / {settings['task']}", "", f"`{settings['command']}`", "",
-             markdown_table(rows), ""]
-    parts += how_measured(rows, settings)
+def markdown_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any], plot: str | None = None) -> str:
+    """The command, the table, how it was measured and (given its path) the summary figure: for a README."""
+    parts = [f"`{settings['command']}`", "", markdown_table(rows), "", *how_measured(rows, settings)]
     if plot:
-        parts += ["", f"![accuracy, trainable share, memory, step time and adapter size per method]({plot})"]
-    parts += ["", "Commands run:", ""]
+        parts += ["", f"![accuracy against trainable share, peak memory, time per step and adapter size per method]({plot})"]
+    return "\n".join(parts) + "\n"
+
+
+def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any], plot: str | None = None) -> str:
+    parts = [f"# peftkit compare: {settings['model']} / {settings['task']}", "", markdown_section(rows, settings, plot)]
+    parts += ["Commands run:", ""]
     parts += [f"- {row['method']}: `{row['command']}`" for row in rows if row.get("command")]
     return "\n".join(parts) + "\n"
 
