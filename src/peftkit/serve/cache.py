@@ -23,7 +23,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ class AdapterCache:
     """
 
     def __init__(self, directory: AdapterDirectory, slots, capacity: int, byte_budget: int,
-                 check: "callable | None" = None):
+                 check: Callable[[AdapterInfo], None] | None = None):
         if capacity < 1:
             raise PeftkitError(f"the cache needs at least one adapter slot, got capacity {capacity}")
         if byte_budget < 0:
