@@ -149,7 +149,9 @@ def test_quantize_model_skips_heads_says_so_and_stays_close_to_float():
     assert report.skipped["model.layers.1.mlp.down_proj"] == "named in skip"
     assert isinstance(llama.model.layers[0].mlp.down_proj, QuantizedLinear)
     sizes = base_weight_bytes(llama)
-    assert sizes["linear"] < sizes["whole_model"]
+    assert sizes["quantized_linear"] == report.quantized_bytes
+    assert sizes["float_linear"] == sum(m.weight.numel() * 4 for m in llama.modules() if type(m) is nn.Linear)
+    assert sizes["whole_model"] == sum(t.numel() * t.element_size() for t in [*llama.parameters(), *llama.buffers()])
 
 
 @pytest.mark.parametrize("scheme,block_size,message", [

@@ -487,17 +487,18 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def base_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by the model's weights: {"linear": QuantizedLinear / nn.Linear weights (codes + scales
-    where quantized), "whole_model": every parameter and buffer}."""
-    linear = 0
+    """Bytes the model's weights hold: "quantized_linear" (codes + scales of its QuantizedLinear layers),
+    "float_linear" (weights of the nn.Linear layers still in float, e.g. heads) and "whole_model" (every
+    parameter and buffer, tied weights once)."""
+    quantized = float_linear = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            linear += module.weight_bytes()
+            quantized += module.weight_bytes()
         elif isinstance(module, nn.Linear):
-            linear += module.weight.numel() * module.weight.element_size()
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights counted once
+            float_linear += module.weight.numel() * module.weight.element_size()
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     whole = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"linear": linear, "whole_model": whole}
+    return {"quantized_linear": quantized, "float_linear": float_linear, "whole_model": whole}
 
 
 def dequantize_merged(model: nn.Module) -> str | None:
