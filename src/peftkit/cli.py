@@ -609,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_parser(commands)
     _add_export_parser(commands)
     __import__("peftkit.serve.command").serve.command.add_serve_parser(commands, _DefaultsHelpFormatter)
+    __import__("peftkit.merging").merging.add_combine_parser(commands)
     from peftkit.bench.compare import add_compare_parser
 
     add_compare_parser(commands)

@@ -25,7 +25,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import adapted_modules
 from peftkit.methods.lora import LoraConfig
 
-__all__ = ["LoraConversion", "lora_from_adapter", "save_lora_conversion", "serving_problems"]
+__all__ = ["LoraConversion", "factor_updates", "layer_updates", "lora_from_adapter", "save_lora_conversion", "serving_problems"]
 
 
 def serving_problems(peft_model, adapter_name: str = "default") -> list[str]:
@@ -76,8 +76,13 @@ def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _updates(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
-    """module path -> the adapter's full update of that layer's weight, (out, in), float32."""
+def layer_updates(peft_model, adapter_name: str, skip_modules_to_save: bool = False) -> dict[str, torch.Tensor]:
+    """module path -> the adapter's full update of that layer's weight, (out, in), float32.
+
+    Every adapted layer must be linear and mergeable. Whole modules the adapter trains
+    (`modules_to_save`, e.g. a classification head) are refused unless `skip_modules_to_save`,
+    which leaves them out (adapter arithmetic treats such heads as task-specific).
+    """
     if adapter_name not in peft_model.peft_config:
         raise PeftkitError(f"no adapter named {adapter_name!r}; adapters: {', '.join(peft_model.peft_config)}")
     if adapter_name in peft_model.model_adapters:
@@ -90,6 +95,8 @@ def _updates(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
         if adapter_name not in module.adapters:
             continue
         delta = module.adapters[adapter_name]
+        if delta.replaces_base and skip_modules_to_save:
+            continue
         if delta.replaces_base:
             refused.append(f"{path} (trained as a whole module, modules_to_save)")
             continue
@@ -145,8 +152,20 @@ def lora_from_adapter(peft_model, adapter_name: str = "default", rank: int | Non
     below `tolerance` (so a LoRA-shaped update converts exactly). The model is left as it was.
     """
     source = peft_model.peft_config[adapter_name] if adapter_name in peft_model.peft_config else None
-    updates = _updates(peft_model, adapter_name)
+    updates = layer_updates(peft_model, adapter_name)
     layers = {path: module.base_layer for path, module in adapted_modules(peft_model.base_model)}
+    return factor_updates(updates, layers, rank=rank, tolerance=tolerance, task_type=getattr(source, "task_type", None))
+
+
+@torch.no_grad()
+def factor_updates(updates: dict[str, torch.Tensor], layers: dict[str, nn.Module], rank: int | None = None,
+                   tolerance: float = 1e-3, task_type: str | None = None) -> LoraConversion:
+    """Full per-layer updates, (out, in) each, factored by truncated SVD into one plain LoRA.
+
+    layers: module path -> the base layer it updates (for the dtype and GPT-2's Conv1D layout).
+    rank: the LoRA rank; by default the smallest rank that keeps every layer's relative error at or
+    below `tolerance`. A layer whose full rank is below `rank` is padded with zeros (exact).
+    """
     factors = {path: torch.linalg.svd(update, full_matrices=False) for path, update in updates.items()}
     if rank is None:
         rank = max(_numerical_rank(s, tolerance) for _, s, _ in factors.values())
@@ -170,8 +189,7 @@ def lora_from_adapter(peft_model, adapter_name: str = "default", rank: int | Non
     # Factors are stored as for Linear (A: r x in, B: out x r) whatever the layer; fan_in_fan_out only
     # tells peft that GPT-2's Conv1D weights are stored transposed.
     config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=sorted(updates),
-        task_type=getattr(source, "task_type", None),
+        r=rank, lora_alpha=rank, target_modules=sorted(updates), task_type=task_type,
         fan_in_fan_out=any(type(layers[p]).__name__ == "Conv1D" for p in updates),
     )
     return LoraConversion(config=config, tensors=tensors, relative_errors=errors)
