@@ -16,7 +16,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
-from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora import LoraConfig, set_lora_fused
 from peftkit.methods.prefix import PrefixTuningConfig
 from peftkit.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
@@ -47,4 +47,5 @@ __all__ = [
     "VeraConfig",
     "get_peft_model",
     "load_config",
+    "set_lora_fused",
 ]

@@ -41,12 +41,20 @@ class AdapterDelta(nn.Module):
     # Names of parameters that never train (AdaLoRA's ranknum): counted in the model's size, as peft
     # counts them, but left frozen when the adapter is made trainable.
     frozen_parameters: tuple[str, ...] = ()
+    # True when the delta can compute the module's whole output itself, the base computation included
+    # (fused LoRA): when it is the only adapter running, the wrapper calls `forward_with_base(base_layer,
+    # x)` instead of `base_layer(x)` then `forward(x, base_output)`, unless that returns None.
+    computes_base_output = False
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def forward_with_base(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The module's output with this delta applied, or None to run the base layer then `forward`."""
+        return None
 
     def merge(self, base_layer: nn.Module) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -255,6 +263,10 @@ class AdaptedModule(nn.Module):
         if self.disabled:
             return self.base_layer(*args, **kwargs)
         running = [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+        if len(running) == 1 and running[0].computes_base_output and len(args) == 1 and not kwargs:
+            output = running[0].forward_with_base(self.base_layer, args[0])
+            if output is not None:
+                return output
         x = args[0] if args else next(iter(kwargs.values()))
         if any(d.transforms_input for d in running):
             args, kwargs = _with_first_input(args, kwargs, running)

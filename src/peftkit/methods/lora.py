@@ -10,6 +10,11 @@ frozen starting point, which is the same function and the same gradients as PiSS
 W - s B0 A0, but leaves the base shared with other adapters. Saved files hold the equivalent plain
 LoRA of rank 2r, [B, -B0] [A; A0], which loads on the original base in peftkit and in `peft`.
 
+Training on nn.Linear and GPT-2 Conv1D is fused by default (`FusedLoraLinear`): one autograd
+function computes the frozen matmul and the low-rank path together, keeps no dropout mask (it is
+regenerated in backward from a seed) and computes no gradient for the frozen weight. It runs when the
+LoRA adapter is the only unmerged one active on the layer; `set_lora_fused(model, False)` opts out.
+
 DoRA (`use_dora=True`, Liu et al., 2024) splits the adapted weight into a trained magnitude per
 output channel and a direction: W' = m * (W + s B A) / ||W + s B A||, with the norm treated as a
 constant in backward. Its math, dropout handling and file keys (`lora_magnitude_vector`) follow
@@ -99,8 +104,124 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def lora_dropout_keep_mask(like: torch.Tensor, dropout: float, seed: int) -> torch.Tensor:
+    """The keep mask (bool, shape of `like`) that fused LoRA dropout draws from `seed`.
+
+    Forward and backward both call this, so the mask is regenerated rather than stored. Each element
+    reads 16 random bits (four per 64-bit draw of a generator seeded with `seed`, on `like`'s device),
+    which is an order of magnitude faster on CPU than `bernoulli_`; the dropout probability is
+    therefore rounded to a multiple of 2^-16 (`lora_dropout_keep_probability`).
+    """
+    count = like.numel()
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(seed)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), None, generator=generator)  # every 64-bit pattern equally likely
+    lanes = words.view(torch.int16)[:count]
+    return (lanes >= -(2**15) + round(dropout * 2**16)).view(like.shape)
+
+
+def lora_dropout_keep_probability(dropout: float) -> float:
+    """The exact probability that `lora_dropout_keep_mask` keeps an element: 1 - p rounded to 2^-16."""
+    return 1.0 - round(dropout * 2**16) / 2**16
+
+
+def draw_dropout_seed() -> int:
+    """A seed for one fused dropout mask, drawn from torch's global CPU generator: a seeded run repeats
+    its masks, and gradient checkpointing (which restores that generator) recomputes the same ones."""
+    return int(torch.randint(2**62, (), dtype=torch.int64))
+
+
+def _merged_rows(weight_rows: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s B A as (out_features, in_features)."""
+    return torch.addmm(weight_rows, lora_B, lora_A, alpha=scaling)
+
+
+def _merge_pays(rows: int, in_features: int, out_features: int) -> bool:
+    # W + s B A costs an (out, in) pass, the separate low-rank path an (N, out) one (plus N (in + out) r
+    # multiply-adds): merge when the batch has more rows than the weight has, roughly.
+    return rows * (in_features + out_features) >= in_features * out_features
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s * (dropout(x) A^T) B^T as one autograd node.
+
+    x: (..., in), weight_rows W: (out, in) (a view for GPT-2 Conv1D), bias b: (out,) or None, lora_A
+    A: (r, in), lora_B B: (out, r), delta_bias: (out,) or None (trained bias change). Without dropout the
+    output and the input gradient use the merged weight W + s B A (one matmul each); with dropout p the
+    keep mask is drawn from `seed` in forward and drawn again in backward. Saved for backward: x and the
+    weights only. Gradients: x (when it needs one), A, B, delta_bias; never W or b.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_rows, bias, lora_A, lora_B, delta_bias, scaling: float, dropout: float, seed: int):
+        ctx.save_for_backward(x, weight_rows, lora_A, lora_B)
+        ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
+        ctx.has_delta_bias = delta_bias is not None
+        return fused_lora_output(x, weight_rows, bias, lora_A, lora_B, delta_bias, scaling, dropout, seed)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight_rows, lora_A, lora_B = ctx.saved_tensors
+        scaling, dropout = ctx.scaling, ctx.dropout
+        out_features, in_features = weight_rows.shape
+        grad_rows = grad_output.reshape(-1, out_features)
+        x_rows = x.reshape(-1, in_features)
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_x = grad_A = grad_B = grad_delta_bias = None
+        if dropout:
+            # Inverted dropout's 1 / keep factor is folded into s, so it multiplies (N, r) tensors only.
+            scaling = scaling / lora_dropout_keep_probability(dropout)
+        # d loss / d(dropped x A^T): (N, r)
+        grad_hidden = torch.mm(grad_rows, lora_B).mul_(scaling) if needs_x or needs_A else None
+        if not dropout:
+            dropped = x_rows
+            if needs_x:
+                if _merge_pays(x_rows.shape[0], in_features, out_features):
+                    grad_x = torch.mm(grad_rows, _merged_rows(weight_rows, lora_A, lora_B, scaling))
+                else:
+                    grad_x = torch.mm(grad_hidden, lora_A).addmm_(grad_rows, weight_rows)
+        else:
+            keep = lora_dropout_keep_mask(x_rows, dropout, ctx.seed)
+            if needs_x:
+                grad_x = torch.mm(grad_hidden, lora_A).mul_(keep).addmm_(grad_rows, weight_rows)
+            dropped = x_rows * keep if needs_A or needs_B else None
+        if needs_A:
+            grad_A = torch.mm(grad_hidden.t(), dropped)
+        if needs_B:
+            hidden = torch.mm(dropped, lora_A.t())  # (N, r), recomputed rather than saved
+            grad_B = torch.mm(grad_rows.t(), hidden).mul_(scaling)
+        if ctx.has_delta_bias and ctx.needs_input_grad[5]:
+            grad_delta_bias = grad_rows.sum(0)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_A, grad_B, grad_delta_bias, None, None, None
+
+
+def fused_lora_output(x, weight_rows, bias, lora_A, lora_B, delta_bias, scaling: float, dropout: float, seed: int):
+    """The forward of `FusedLoraLinear` without autograd (also the no-grad path): (..., in) -> (..., out)."""
+    if delta_bias is not None:
+        bias = bias + delta_bias
+    out_features, in_features = weight_rows.shape
+    x_rows = x.reshape(-1, in_features)
+    if not dropout and _merge_pays(x_rows.shape[0], in_features, out_features):
+        return F.linear(x, _merged_rows(weight_rows, lora_A, lora_B, scaling), bias)
+    output = F.linear(x, weight_rows, bias)
+    if not dropout:
+        hidden = torch.mm(x_rows, lora_A.t())
+    else:
+        hidden = torch.mm(x_rows * lora_dropout_keep_mask(x_rows, dropout, seed), lora_A.t())
+        scaling = scaling / lora_dropout_keep_probability(dropout)
+    output.view(-1, out_features).addmm_(hidden, lora_B.t(), alpha=scaling)
+    return output
+
+
 class LoraLinearDelta(AdapterDelta):
-    """LoRA on nn.Linear or GPT-2 Conv1D. lora_A: (r, in_features), lora_B: (out_features, r)."""
+    """LoRA on nn.Linear or GPT-2 Conv1D. lora_A: (r, in_features), lora_B: (out_features, r).
+
+    On a plain nn.Linear or Conv1D (not PiSSA, not a subclass such as DoRA) the whole layer runs as
+    `FusedLoraLinear` when this adapter is the only one running on it (`computes_base_output`).
+    """
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init, train_bias: bool):
         super().__init__()
@@ -117,6 +238,9 @@ class LoraLinearDelta(AdapterDelta):
             self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
         self.pissa = init == "pissa"
         self._initialise(init, weight)
+        # Fusing needs the layer's own math (plain Linear or Conv1D, nothing overriding it) and plain LoRA.
+        self.fusable = type(self) is LoraLinearDelta and not self.pissa and type(base_layer) in linear_types()
+        self.computes_base_output = self.fusable
 
     @torch.no_grad()
     def _initialise(self, init, weight):
@@ -147,6 +271,20 @@ class LoraLinearDelta(AdapterDelta):
         if self.delta_bias is not None:
             output = output + self.delta_bias
         return output
+
+    def forward_with_base(self, base_layer, x):
+        weight = base_layer.weight
+        dtype = self.lora_A.dtype
+        if (x.dtype != dtype or weight.dtype != dtype or base_layer._forward_hooks or base_layer._forward_pre_hooks
+                or "forward" in base_layer.__dict__ or torch.is_autocast_enabled(x.device.type)):
+            return None  # the unfused path handles casts, hooks and autocast
+        weight_rows = weight.T if self.transposed else weight
+        dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        seed = draw_dropout_seed() if dropout else 0
+        arguments = (x, weight_rows, base_layer.bias, self.lora_A, self.lora_B, self.delta_bias, self.scaling, dropout, seed)
+        if torch.is_grad_enabled():
+            return FusedLoraLinear.apply(*arguments)
+        return fused_lora_output(*arguments)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A x for x (..., in_features) -> (..., out_features); dropout is the caller's."""
@@ -477,6 +615,18 @@ class DoraConv2dDelta(LoraConv2dDelta):
     def _assign_file_tensors(self, tensors, base_layer):
         super()._assign_file_tensors(tensors, base_layer)
         self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"].flatten())
+
+
+def set_lora_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the fused LoRA layer (`FusedLoraLinear`, on by default) on or off for every LoRA layer of
+    `model` that can use it; returns how many layers can. Off, each layer runs the base layer, then
+    the low-rank path as separate autograd operations (the reference computation)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinearDelta) and module.fusable:
+            module.computes_base_output = enabled
+            count += 1
+    return count
 
 
 def _remember_base_layer(delta: AdapterDelta, base_layer: nn.Module) -> None:
