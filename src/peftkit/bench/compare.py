@@ -453,9 +453,14 @@ def run_compare(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     print(f"peftkit compare: {args.methods} on {args.model} / {args.task}, budget {budget.describe()} -> {output_dir}",
           flush=True)
-    rows = compare(args.model, args.task, parse_methods(args.methods), output_dir, budget=budget, seed=args.seed,
-                   runs_dir=args.runs_dir, train_args=train_args, progress=progress, command=shlex.join(command),
-                   log=lambda line: print(line, flush=True))
+    try:
+        rows = compare(args.model, args.task, parse_methods(args.methods), output_dir, budget=budget, seed=args.seed,
+                       runs_dir=args.runs_dir, train_args=train_args, progress=progress, command=shlex.join(command),
+                       log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"peftkit compare: interrupted; the reports in {output_dir} hold the runs that finished. Run the same "
+              "command again to keep those and train the rest.", file=sys.stderr)
+        return 130
     counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
     print(f"{counts['ok']} finished, {counts['skipped']} skipped, {counts['failed']} failed; reports in {output_dir}: "
           "results.md, results.csv, results.json, report.html and the plots (PNG)")

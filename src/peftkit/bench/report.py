@@ -97,8 +97,12 @@ def _write_bytes(path: Path, data: bytes) -> Path:
 # --------------------------------------------------------------------------- table
 
 
-def _cells(row: dict[str, Any]) -> dict[str, str]:
-    """The table's text for one row; empty strings where a run has no number."""
+def _full_accuracy(rows: Sequence[dict[str, Any]]) -> float | None:
+    return next((row.get("accuracy") for row in rows if row["method"] == "full" and row["status"] == "ok"), None)
+
+
+def _cells(row: dict[str, Any], full_accuracy: float | None = None) -> dict[str, str]:
+    """The table's text for one row; empty strings where a run has no number. `full_accuracy`: full fine-tuning's."""
     ok = row["status"] == "ok"
     status = "ok" if ok else f"{row['status']}: {row.get('reason') or ''}"
     if ok and row.get("stopped_by_time_limit"):
@@ -112,6 +116,8 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "method": row["method"],
         "status": status,
         "accuracy": number("accuracy", lambda v: f"{100 * v:.2f}%"),
+        "vs_full": "" if full_accuracy is None or row["method"] == "full" else number(
+            "accuracy", lambda v: f"{100 * (v - full_accuracy):+.2f}"),
         "trainable": number("trainable_parameters", lambda v: f"{v:,d}"),
         "share": number("trainable_share", lambda v: f"{100 * v:.3g}%"),
         "peak_rss": number("peak_rss_mib", lambda v: f"{v:,.0f} MiB"),
@@ -124,10 +130,11 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     }
 
 
-_HEADERS = (("method", "method"), ("status", "status"), ("accuracy", "accuracy"), ("trainable", "trainable params"),
+_HEADERS = (("method", "method"), ("status", "status"), ("accuracy", "accuracy"), ("vs_full", "vs full FT (points)"),
+            ("trainable", "trainable params"),
             ("share", "trainable share"), ("peak_rss", "peak RSS"), ("step_time", "time / step (median)"),
             ("steps", "steps"), ("wall", "wall time"), ("adapter", "adapter file"), ("lr", "lr"), ("config", "config"))
-_RIGHT_ALIGNED = {"accuracy", "trainable", "share", "peak_rss", "step_time", "steps", "wall", "adapter", "lr"}
+_RIGHT_ALIGNED = {"accuracy", "vs_full", "trainable", "share", "peak_rss", "step_time", "steps", "wall", "adapter", "lr"}
 
 
 def _accuracy_metric(rows: Sequence[dict[str, Any]]) -> str:
@@ -182,8 +189,9 @@ def how_measured(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> li
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(title for _, title in _HEADERS) + " |",
              "|" + "|".join("---:" if key in _RIGHT_ALIGNED else "---" for key, _ in _HEADERS) + "|"]
+    full_accuracy = _full_accuracy(rows)
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, full_accuracy)
         lines.append("| " + " | ".join(_markdown_cell(cells[key]) for key, _ in _HEADERS) + " |")
     return "\n".join(lines)
 
@@ -304,8 +312,9 @@ def html_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any], pngs: 
     escape = html.escape
     header = "".join(f"<th>{escape(title)}</th>" for _, title in _HEADERS)
     body = []
+    full_accuracy = _full_accuracy(rows)
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, full_accuracy)
         body.append("<tr class=\"{}\">".format(escape(row["status"])) + "".join(
             f"<td class=\"{'num' if key in _RIGHT_ALIGNED else ''}\">{escape(cells[key])}</td>" for key, _ in _HEADERS) + "</tr>")
     figures = "".join(
