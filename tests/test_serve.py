@@ -7,7 +7,6 @@ server keeps answering.
 
 import asyncio
 import json
-import os
 import re
 import socket
 import threading
@@ -414,25 +413,30 @@ def reference_completion(model_folder, adapter_folder, prompt_ids, max_tokens):
 
 def test_completions_match_the_plain_adapter_and_batch_together(causal_files):
     model_folder, adapters = causal_files
-    prompts = {"c0": "Hello there, how", "c1": "The capital of France is"}
-    with serving(model_folder, adapters, max_batch_size=2, max_texts=2, max_wait_ms=3000) as (client, server):
-        requests = [("/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 6, "temperature": 0})
-                    for name, prompt in prompts.items()]
+    # Different adapters and different max_tokens in one batch: each row stops at its own limit.
+    cases = [("c0", "Hello there, how", 3), ("c1", "The capital of France is", 7)]
+    with serving(model_folder, adapters, max_batch_size=2, max_wait_ms=3000) as (client, server):
+        requests = [("/v1/completions", {"model": name, "prompt": prompt, "max_tokens": tokens, "temperature": 0})
+                    for name, prompt, tokens in cases]
         before = server.batcher.batches_run
         responses = post_concurrently(client, requests)
         assert server.batcher.batches_run - before == 1 and server.batcher.history[-1].adapters == 2
-        for (name, prompt), response in zip(prompts.items(), responses):
+        for (name, prompt, tokens), response in zip(cases, responses):
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["object"] == "text_completion" and body["model"] == name and body["id"].startswith("cmpl-")
             assert isinstance(body["created"], int)
             choice = body["choices"][0]
             prompt_ids = server.tokenizer(prompt)["input_ids"]
-            assert choice["text"] == reference_completion(model_folder, adapters / name, prompt_ids, 6)
-            assert choice["finish_reason"] in ("stop", "length")
+            assert choice["text"] == reference_completion(model_folder, adapters / name, prompt_ids, tokens)
             usage = body["usage"]
             assert usage["prompt_tokens"] == len(prompt_ids) and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-            assert choice["finish_reason"] == "stop" or usage["completion_tokens"] == 6
+            assert (choice["finish_reason"], usage["completion_tokens"]) == ("length", tokens) or choice["finish_reason"] == "stop"
+        # A list of prompts: one choice each, in order, as separate rows of a batch.
+        both = client.post("/v1/completions", json={"model": "c0", "prompt": [cases[0][1], cases[1][1]], "max_tokens": 3,
+                                                    "temperature": 0}).json()
+        assert [c["index"] for c in both["choices"]] == [0, 1]
+        assert both["choices"][0]["text"] == responses[0].json()["choices"][0]["text"]
 
 
 def test_chat_completion_uses_the_chat_template(causal_files):
