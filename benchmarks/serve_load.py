@@ -84,6 +84,8 @@ def start_server(adapters: Path, port: int, extra: list[str], args, log: Path) -
     command = [*peftkit_command(), "serve", "--model", "minilm", "--adapters", str(adapters), "--host", "127.0.0.1",
                "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                "--max-queue", str(args.max_queue), "--max-texts", "4", "--no-access-log", *extra]
+    if args.capacity:
+        command += ["--capacity", str(args.capacity)]
     handle = open(log, "wb")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--capacity", type=int, default=None, help="adapter slots per server (default: one per adapter, "
+                        "at most 16); fewer than --adapters makes the cache swap adapters in and out under load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where adapters and server logs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the results here")

@@ -11,7 +11,8 @@ separators, no `..`, nothing that resolves outside the directory (a symlink poin
   slots:  the `capacity` slots of a mixed-adapter model, which a batch's adapters must occupy.
 A batch asks for its adapters with `ensure_loaded`: an adapter already in a slot is a hit; one in
 memory is copied into a slot (the switch cost); one on disk is read first (the load time). The cache
-reports both times per adapter, plus hits, misses and evictions. Only the model's worker thread calls
+reports both times per adapter, plus hits, misses and evictions. The cache does not watch the files: an
+adapter changed on disk is read again once it is unloaded (`unload`, DELETE /v1/adapters/{name}). Only the model's worker thread calls
 `ensure_loaded` / `unload`; `snapshot` may be called from any thread.
 """
 

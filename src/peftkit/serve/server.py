@@ -8,6 +8,7 @@ queue it for the next batch and return the result; `peftkit.serve.app` puts HTTP
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -184,6 +185,9 @@ class AdapterServer:
         self.kind = kind
         self.model = mixed_model
         self.tokenizer = tokenizer
+        # Prompts are encoded on the event loop while the worker decodes: a fast tokenizer's Rust object must not
+        # be used from two threads at once ("Already borrowed"), so each side has its own copy.
+        self.prompt_tokenizer = copy.deepcopy(tokenizer)
         self.directory = directory
         self.settings = settings
         self.plan = plan
@@ -308,9 +312,9 @@ class AdapterServer:
         if messages is not None:
             from peftkit.train.chat import encode_chat_prompt
 
-            ids = encode_chat_prompt(messages, self.tokenizer)
+            ids = encode_chat_prompt(messages, self.prompt_tokenizer)
         else:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = self.prompt_tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise PeftkitError("the prompt is empty: give some text to complete")
         if len(ids) > limits.max_prompt_tokens:
