@@ -173,6 +173,7 @@ def test_truncated_rank_reports_the_svd_tail_as_its_error():
 def test_sparsifying_methods_at_full_rank_equal_peft_on_each_layers_updates(method):
     wrapped, names = _with_random_loras(tiny_bert())
     combined = combine_adapters(names, [1.0, 0.5], method=method, density=0.4, seed=5, model=wrapped, rank=64)
+    assert combined.config.r == 32  # 64 asked; no layer of the tiny BERT has a rank above 32
     updates = [layer_updates(wrapped, n) for n in names]
     torch.manual_seed(5)  # our generator is seeded once and walks the layers in sorted order; so does this loop
     for path in sorted(combined.relative_errors):
@@ -263,6 +264,12 @@ def test_runs_with_different_heads_combine_and_the_chosen_head_is_attached(tiny_
             (module.base_layer if hasattr(module, "adapters") else module).weight += update
         encoded = tokenizer(["a fine day", "rain again and again"], padding=True, return_tensors="pt")
         assert torch.allclose(model(**encoded).logits, second_model(**encoded).logits, atol=1e-5)
+        peft = pytest.importorskip("peft")
+        from transformers import BertForSequenceClassification
+
+        base = BertForSequenceClassification.from_pretrained(tiny_model_folder, num_labels=3, ignore_mismatched_sizes=True)
+        theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()  # Hugging Face peft: same head, same logits
+        assert torch.allclose(theirs(**encoded).logits, second_model(**encoded).logits, atol=1e-5)
 
     without_head = combine_adapters([first, second], method="linear")
     assert without_head.config.modules_to_save is None and without_head.config.task_type is None

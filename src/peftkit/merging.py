@@ -275,7 +275,8 @@ def combine_adapters(adapters: Sequence[str | os.PathLike], weights: Sequence[fl
     rank: the LoRA rank of the result; default: the sum of the inputs' ranks (each one's largest
     per-layer numerical rank: r for LoRA), capped at the largest layer's full rank. Linear combinations
     of LoRAs are then exact up to float rounding; sparsified ones (TIES, DARE, pruning) are usually of
-    full rank, and the reported error says how much of them the rank keeps.
+    full rank, and the reported error says how much of them the rank keeps. A rank above the largest
+    layer's full rank is lowered to it (the result is then exact).
     head: attach this input's classification head (its position, or the name/folder given); default none.
     """
     weights = check_combine_options(method, len(adapters), weights, density, majority_sign)
@@ -295,10 +296,10 @@ def combine_adapters(adapters: Sequence[str | os.PathLike], weights: Sequence[fl
         updates = [layer_updates(model, name, skip_modules_to_save=True) for name in names]
         combined = merge_updates(updates, weights, method, density, majority_sign, seed, names=sources)
         layers = {path: module.base_layer for path, module in adapted_modules(model.base_model)}
+        largest = max(min(u.shape) for u in combined.values())  # no layer can use a higher rank
         if rank is None:
-            largest = max(min(u.shape) for u in combined.values())
-            ranks = [max(int(torch.linalg.matrix_rank(u)) for u in each.values()) for each in updates]
-            rank = max(1, min(largest, sum(ranks)))
+            rank = sum(max(int(torch.linalg.matrix_rank(u)) for u in each.values()) for each in updates)
+        rank = max(1, min(largest, rank))
         # Without its head a classification adapter is no longer one (SEQ_CLS makes loaders expect a head).
         task_type = "CAUSAL_LM" if set(task_types) == {"CAUSAL_LM"} else None
         conversion = factor_updates(combined, layers, rank=rank, task_type=task_type)
