@@ -133,6 +133,8 @@ def test_bad_options_are_refused_clearly(options, message):
     wrapped, names = _with_random_loras(tiny_bert())
     with pytest.raises(PeftkitError, match=message):
         combine_adapters(names, model=wrapped, **options)
+    with pytest.raises(PeftkitError, match=r"'c' is neither an adapter on this model \(a, b\) nor a run or adapter folder"):
+        combine_adapters(["a", "c"], model=wrapped)
 
 
 # -- combined adapters -----------------------------------------------------------------------------

@@ -290,6 +290,10 @@ def combine_adapters(adapters: Sequence[str | os.PathLike], weights: Sequence[fl
         heads = [_head_tensors(model, s) for s in sources]
         base_id = base_model
     else:
+        unknown = [s for s in sources if model is not None and s not in model.peft_config and not Path(s).exists()]
+        if unknown:
+            raise PeftkitError(f"{unknown[0]!r} is neither an adapter on this model ({', '.join(model.peft_config)}) "
+                               "nor a run or adapter folder")
         model, names, run_infos, task_types, heads, base_id = _load_sources(sources, model, base_model)
         loaded = names
     try:
