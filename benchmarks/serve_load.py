@@ -86,6 +86,8 @@ def start_server(adapters: Path, port: int, extra: list[str], args, log: Path) -
                "--max-queue", str(args.max_queue), "--max-texts", "4", "--no-access-log", *extra]
     if args.capacity:
         command += ["--capacity", str(args.capacity)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     handle = open(log, "wb")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -232,7 +234,9 @@ def markdown(rows: list[dict], args, names: list[str], load_before: str, load_af
         f"`peftkit serve --model minilm` on loopback, {len(names)} LoRA adapters (r={args.rank} all-linear, random, own "
         f"heads of 2-6 classes), {args.clients} concurrent clients sending /v1/classify with 1-4 sst2 sentences and a "
         f"random adapter; {args.rounds} interleaved rounds of {args.phase_s:g} s per variant after {args.warmup_s:g} s of "
-        f"warm-up; --max-batch-size {args.max_batch_size}, --max-wait-ms {args.max_wait_ms:g}; 2-core CPU, shared "
+        f"warm-up; --max-batch-size {args.max_batch_size}, --max-wait-ms {args.max_wait_ms:g}"
+        f"{f', --threads {args.threads}' if args.threads else ''}{f', --capacity {args.capacity}' if args.capacity else ''}; "
+        f"2-core CPU, shared "
         f"(load average {load_before} before, {load_after} after).",
         "",
         "| batching | requests ok | failed | requests/s | texts/s | p50 latency | p99 latency | rows per batch | adapters per batch |",
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--capacity", type=int, default=None, help="adapter slots per server (default: one per adapter, "
                         "at most 16); fewer than --adapters makes the cache swap adapters in and out under load")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per server (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where adapters and server logs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the results here")
