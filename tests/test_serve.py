@@ -531,6 +531,33 @@ def test_real_uvicorn_server_on_loopback(classifier_files):
         thread.join(20)
 
 
+def test_a_stream_whose_client_leaves_stops_decoding(causal_files):
+    import httpx
+    import uvicorn
+
+    model_folder, adapters = causal_files
+    port = _free_port()
+    server = load_server(str(model_folder), adapters, ServeSettings())
+    server.model.base_model.register_forward_pre_hook(lambda *_: time.sleep(0.02))  # 200 steps would take 4 s or more
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: web.started, timeout=20)
+        started = time.perf_counter()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            body = {"model": "c0", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                next(response.iter_lines())  # the first piece, then hang up
+            wait_until(lambda: server.runner.last_finish_reasons, timeout=10)
+            assert server.runner.last_finish_reasons == ["cancelled"] and time.perf_counter() - started < 3.5
+            answer = client.post("/v1/completions", json={"model": "c1", "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+            assert answer.status_code == 200
+    finally:
+        web.should_exit = True
+        thread.join(20)
+
+
 def test_cli_refuses_a_missing_adapter_directory(tmp_path, capsys):
     from peftkit.cli import main
 

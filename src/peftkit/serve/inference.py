@@ -98,6 +98,7 @@ class GenerationRunner:
         self.tokenizer = tokenizer
         self.cache = cache
         self.forwards = 0
+        self.last_finish_reasons: list[str] = []  # of the last batch's rows: "stop", "length" or "cancelled"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.end_ids = _end_token_ids(model, tokenizer)
 
@@ -130,6 +131,7 @@ class GenerationRunner:
             self.forwards += 1
             for row, request in enumerate(ready):
                 results[id(request)] = rows.completion(row)
+            self.last_finish_reasons = list(rows.finish)
         return [results[id(r)] for r in requests]
 
 
