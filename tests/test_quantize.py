@@ -359,3 +359,21 @@ def test_cli_train_eval_merge_with_quantize_nf4(tiny_model_folder, tmp_path):
                        "--output-dir", tmp_path / "full", "--max-steps", "1", check=False)
     assert refused.returncode != 0 and "--quantize cannot be used with --method full" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_parameter_report_counts_the_quantized_weights_and_lora_export_is_exact():
+    from peftkit.export import layer_updates
+
+    float_model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    model = _quantized_lora(init_lora_weights=False)
+    assert model.trainable_parameters_report().total == float_model.trainable_parameters_report().total
+    assert model.trainable_parameters_report().trainable == float_model.trainable_parameters_report().trainable
+    # Converting to plain LoRA (and adapter arithmetic) measures each update on a float copy: exact,
+    # and the quantized base is left untouched.
+    before = {n: t.clone() for n, t in model.named_buffers()}
+    updates = layer_updates(model, "default", skip_modules_to_save=True)
+    assert len(updates) == 3 * 6 + 1
+    assert all(torch.equal(t, before[n]) for n, t in model.named_buffers())
+    for path, update in updates.items():
+        delta = model.base_model.get_submodule(path).adapters["default"].delta_weight()
+        assert torch.allclose(update, delta, atol=1e-6), path

@@ -24,6 +24,7 @@ from peftkit import io
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import adapted_modules
 from peftkit.methods.lora import LoraConfig
+from peftkit.quantize import float_base_layer
 
 __all__ = ["LoraConversion", "factor_updates", "layer_updates", "lora_from_adapter", "save_lora_conversion", "serving_problems"]
 
@@ -108,15 +109,16 @@ def layer_updates(peft_model, adapter_name: str, skip_modules_to_save: bool = Fa
             continue
         if adapter_name in module.merged_adapters:
             raise PeftkitError(f"adapter {adapter_name!r} is merged into {path}; unmerge it before converting")
-        before = _weight_as_out_in(module.base_layer).detach().float().clone()
-        bias_before = None if module.base_layer.bias is None else module.base_layer.bias.detach().clone()
-        module.merge(adapter_name)
-        try:
-            update = _weight_as_out_in(module.base_layer).detach().float() - before
-            if bias_before is not None and not torch.equal(module.base_layer.bias, bias_before):
-                refused.append(f"{path} (its update changes the bias, which LoRA cannot hold)")
-        finally:
-            module.unmerge(adapter_name)
+        with float_base_layer(module):  # a quantized base: the exact update, not one blurred by requantizing
+            before = _weight_as_out_in(module.base_layer).detach().float().clone()
+            bias_before = None if module.base_layer.bias is None else module.base_layer.bias.detach().clone()
+            module.merge(adapter_name)
+            try:
+                update = _weight_as_out_in(module.base_layer).detach().float() - before
+                if bias_before is not None and not torch.equal(module.base_layer.bias, bias_before):
+                    refused.append(f"{path} (its update changes the bias, which LoRA cannot hold)")
+            finally:
+                module.unmerge(adapter_name)
         updates[path] = update
     if refused:
         raise PeftkitError(

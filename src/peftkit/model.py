@@ -331,6 +331,8 @@ class PeftModel(nn.Module):
             if parameter.requires_grad:
                 trainable += count
                 trainable_bytes += count * parameter.element_size()
+        # A quantized base (peftkit.quantize) keeps its linear weights as codes in buffers: count the weights.
+        total += sum(m.in_features * m.out_features for m in self.base_model.modules() if getattr(type(m), "is_quantized", False))
         return ParameterReport(trainable, total, trainable_bytes)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

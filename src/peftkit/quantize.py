@@ -34,6 +34,7 @@ the merge bit for bit (requantizing back would not be exact).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
@@ -273,12 +274,8 @@ class QuantizedLinear(nn.Linear):
         requantize. The codes before the merge are kept on `owner` (the adapter's delta) for unmerging.
         Returns (and keeps as `merge_error`) the error of the requantized weight against the float sum.
         """
-        float_layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                                device=self.codes.device, dtype=torch.float32)
-        before = self.dequantize(torch.float32)
-        float_layer.weight.copy_(before)
-        if self.bias is not None:
-            float_layer.bias.copy_(self.bias.float())
+        float_layer = _float_linear(self, torch.float32)
+        before = float_layer.weight.detach().clone()
         merge(float_layer)
         exact = float_layer.weight.detach()
         owner._quantized_base_before_merge = (self.quantized_state(), self.merge_error)
@@ -470,17 +467,39 @@ def describe_merge_error(report: dict) -> str:
             "adapter's update")
 
 
+@contextlib.contextmanager
+def float_base_layer(module: nn.Module):
+    """Inside the block, an adapted module (methods.base.AdaptedModule) whose base layer is quantized
+    has a float nn.Linear copy of it instead (same values), so merges there are exact float additions;
+    the quantized layer is put back afterwards, untouched. Other modules are left as they are."""
+    quantized = getattr(module, "base_layer", None)
+    if not isinstance(quantized, QuantizedLinear):
+        yield module
+        return
+    module.base_layer = _float_linear(quantized, torch.float32)
+    try:
+        yield module
+    finally:
+        module.base_layer = quantized
+
+
+@torch.no_grad()
+def _float_linear(layer: QuantizedLinear, dtype: torch.dtype) -> nn.Linear:
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.codes.device,
+                      dtype=dtype)
+    plain.weight.copy_(layer.dequantize(dtype))
+    if layer.bias is not None:
+        plain.bias.copy_(layer.bias)
+    return plain
+
+
 @torch.no_grad()
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every QuantizedLinear by a plain nn.Linear holding its dequantized weight (in place)."""
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, QuantizedLinear):
             continue
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=layer.codes.device, dtype=layer.compute_dtype)
-        plain.weight.copy_(layer.dequantize())
-        if layer.bias is not None:
-            plain.bias.copy_(layer.bias)
+        plain = _float_linear(layer, layer.compute_dtype)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
     return model
