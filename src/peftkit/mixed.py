@@ -45,7 +45,8 @@ _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
                          adapter_ids: torch.Tensor, base_output: torch.Tensor | None = None,
-                         dropout: torch.Tensor | None = None, single_id: int | None = None) -> torch.Tensor:
+                         dropout: torch.Tensor | None = None, single_id: int | None = None,
+                         layouts: dict | None = None) -> torch.Tensor:
     """base_output + scaling[ids] * B[ids] A[ids] x, one adapter per example.
 
     x: (batch, ..., in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,);
@@ -53,7 +54,14 @@ def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     each example's rows for beams and num_return_sequences, each row with its example's adapter);
     base_output: (batch, ..., out) or None (then the update alone is returned); dropout: (slots,)
     dropout probability per slot, applied to x per example (pass it only in training mode);
-    single_id: every row uses this slot (a plain matmul, no gather). Returns (batch, ..., out).
+    single_id: every row uses this slot (a plain matmul, no gather); layouts: a dict the caller keeps
+    for one batch, where the rows' arrangement by slot is computed once and reused by every layer.
+    Returns (batch, ..., out).
+
+    Two ways to line rows up with their adapters, picked by the bytes they move: gather each row's
+    factors (A[ids], B[ids]: batch x R x (in + out) copied), or, when rows carry few tokens (decoding),
+    put each row's activations at its slot and multiply the stack in place (slots x tokens x (in + out)
+    copied, no weight copy; slots nobody uses up to the highest id cost compute on zero rows).
     """
     batch = x.shape[0]
     if adapter_ids.shape[0] != batch:
@@ -71,22 +79,61 @@ def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
         if bool((probability > 0).any()):
             keep = torch.rand_like(x3) >= probability
             x3 = x3 * keep / (1 - probability)
+    # Without autograd the update is added into the base output in place (no second (batch, tokens, out) buffer).
+    in_place = base_output is not None and base_output.dtype == x3.dtype and base_output.is_contiguous() and not (
+        torch.is_grad_enabled() and (base_output.requires_grad or lora_A.requires_grad or lora_B.requires_grad))
     if single_id is not None:
         # Every row has the same adapter: two plain matmuls, as an unmerged single LoRA computes.
         hidden = F.linear(x3, lora_A[single_id]) * scaling[single_id].to(x3.dtype)
-        update = F.linear(hidden, lora_B[single_id])
+        if in_place:
+            base_output.view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), lora_B[single_id].t())
+            return base_output
+        update = F.linear(hidden, lora_B[single_id]).reshape(*lead, out_features)
+        return update if base_output is None else base_output + update.to(base_output.dtype)
+    slots_used, most_rows, occurrence = _slot_layout(adapter_ids, layouts)
+    tokens, rank = x3.shape[1], lora_A.shape[1]
+    if slots_used * most_rows * tokens < batch * rank:
+        # Slot-major: row b goes to (slot ids[b], occurrence[b]); the stacked factors are read where they lie.
+        x_slots = x3.new_zeros(slots_used, most_rows, tokens, x3.shape[-1])
+        x_slots[adapter_ids, occurrence] = x3
+        hidden = torch.bmm(x_slots.view(slots_used, -1, x3.shape[-1]), lora_A[:slots_used].transpose(1, 2))
+        hidden = hidden * scaling[:slots_used].to(hidden.dtype).view(-1, 1, 1)
+        update = torch.bmm(hidden, lora_B[:slots_used].transpose(1, 2)).view(slots_used, most_rows, tokens, out_features)
+        update = update[adapter_ids, occurrence]  # (batch, tokens, out)
         if base_output is None:
             return update.reshape(*lead, out_features)
-        return base_output + update.reshape(*lead, out_features).to(base_output.dtype)
+        if in_place:
+            base_output.view(batch, -1, out_features).add_(update)
+            return base_output
+        return base_output + update.reshape(base_output.shape).to(base_output.dtype)
     hidden = torch.bmm(x3, lora_A[adapter_ids].transpose(1, 2))  # (batch, tokens, R)
     hidden = hidden * scaling[adapter_ids].to(hidden.dtype).view(batch, 1, 1)
     gathered_B = lora_B[adapter_ids].transpose(1, 2)  # (batch, R, out)
     if base_output is None:
         return torch.bmm(hidden, gathered_B).reshape(*lead, out_features)
+    if in_place:
+        base_output.view(batch, -1, out_features).baddbmm_(hidden, gathered_B)
+        return base_output
     if base_output.dtype == hidden.dtype:
         # One fused op: base + hidden @ B^T.
         return torch.baddbmm(base_output.reshape(batch, -1, out_features), hidden, gathered_B).reshape(base_output.shape)
     return base_output + torch.bmm(hidden, gathered_B).reshape(base_output.shape).to(base_output.dtype)
+
+
+def _slot_layout(adapter_ids: torch.Tensor, layouts: dict | None) -> tuple[int, int, torch.Tensor]:
+    """(highest slot + 1, most rows sharing one slot, each row's index among the rows of its slot (batch,))."""
+    key = (adapter_ids.shape[0], adapter_ids.device, tuple(adapter_ids.tolist())) if layouts is not None else None
+    if key is not None and key in layouts:
+        return layouts[key]
+    counts = torch.bincount(adapter_ids)
+    order = torch.argsort(adapter_ids, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    occurrence = torch.empty_like(adapter_ids)
+    occurrence[order] = torch.arange(adapter_ids.shape[0], device=adapter_ids.device) - starts[adapter_ids[order]]
+    layout = (counts.shape[0], int(counts.max()), occurrence)
+    if key is not None:
+        layouts[key] = layout
+    return layout
 
 
 class AdapterSelection(threading.local):
@@ -95,6 +142,7 @@ class AdapterSelection(threading.local):
 
     adapter_ids: torch.Tensor | None = None  # (batch,)
     single_id: int | None = None  # set when every example uses the same slot
+    layouts: dict | None = None  # rows arranged by slot, computed once per batch (see gathered_lora_update)
 
 
 def _read_selection(selection: AdapterSelection, where: str) -> torch.Tensor:
@@ -121,7 +169,10 @@ class MixedLoraLinear(nn.Module):
         self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
         self.base_layer = base_layer
         self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, max_rank, dtype=weight.dtype, device=weight.device))
+        # Stored as (slots, max_rank, out) in memory and seen as (slots, out, max_rank): the batched matmul
+        # reads B^T contiguously, which decodes faster, while each slot keeps peft's (out, r) layout.
+        self.lora_B = nn.Parameter(
+            torch.zeros(slots, max_rank, self.out_features, dtype=weight.dtype, device=weight.device).transpose(1, 2))
         self.register_buffer("scaling", torch.zeros(slots, device=weight.device))
         self.register_buffer("dropout", torch.zeros(slots, device=weight.device))
         self.ranks = [0] * slots  # rank of each slot's adapter here; 0: the adapter leaves this layer alone
@@ -135,13 +186,24 @@ class MixedLoraLinear(nn.Module):
             return getattr(super().__getattr__("base_layer"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_output = self.base_layer(x)
         ids = _read_selection(self.selection, "a mixed LoRA layer")
         single = self.selection.single_id
         if single == 0:
-            return base_output
+            return self.base_layer(x)
+        if single is not None and self._merging_pays(x):
+            # One adapter for every row, no autograd, many rows: W + s B A costs less than the low-rank side path.
+            weight = torch.addmm(self.base_layer.weight, self.lora_B[single], self.lora_A[single], alpha=float(self.scaling[single]))
+            return F.linear(x, weight, self.base_layer.bias)
+        base_output = self.base_layer(x)
         dropout = self.dropout if self.training else None
-        return gathered_lora_update(x, self.lora_A, self.lora_B, self.scaling, ids, base_output, dropout, single)
+        return gathered_lora_update(x, self.lora_A, self.lora_B, self.scaling, ids, base_output, dropout, single,
+                                    self.selection.layouts)
+
+    def _merging_pays(self, x: torch.Tensor) -> bool:
+        if type(self.base_layer) is not nn.Linear or x.dtype != self.lora_A.dtype or torch.is_grad_enabled() or self.training:
+            return False
+        rows = x.numel() // self.in_features
+        return rows * (self.in_features + self.out_features) >= self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         slots, rank, _ = self.lora_A.shape
@@ -292,6 +354,7 @@ class MixedLoraModel(nn.Module):
             _replace_module(base_model, head, self.head)
         self._slots: dict[str, int] = {}  # adapter name -> slot (1..capacity)
         self._configs: dict[str, LoraConfig] = {}
+        self.train(base_model.training)  # transformers loads models in eval mode; the new layers follow
 
     # -- construction from folders ---------------------------------------------------------------
     @classmethod
@@ -652,11 +715,13 @@ class _Selecting:
         ids = self.ids
         first = int(ids[0]) if ids.numel() else 0
         self.selection.adapter_ids = ids
+        self.selection.layouts = {}
         self.selection.single_id = first if ids.numel() and bool((ids == first).all()) else None
         return self
 
     def __exit__(self, *exc):
         self.selection.adapter_ids = None
+        self.selection.layouts = None
         self.selection.single_id = None
         return False
 
@@ -713,9 +778,10 @@ def running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[
     example_slots = torch.tensor([0 if n == BASE_ADAPTER else 1 + used.index(n) for n in names], dtype=torch.long)
     modules = list(adapted_modules(peft_model.base_model))
     hooks, disabled = [], []
+    layouts: dict = {}  # rows arranged by slot, shared by every layer of this call
     try:
         for path, module in modules:
-            running = _module_runner(peft_model, path, module, used, example_slots)
+            running = _module_runner(peft_model, path, module, used, example_slots, layouts)
             disabled.append((module, module.disabled))
             module.disabled = True  # the base layer alone; the hook adds each example's adapter
             if running is not None:
@@ -761,7 +827,8 @@ def _checked_names(peft_model, adapter_names) -> list[str]:
     return names
 
 
-def _module_runner(peft_model, path: str, module: AdaptedModule, used: list[str], example_slots: torch.Tensor):
+def _module_runner(peft_model, path: str, module: AdaptedModule, used: list[str], example_slots: torch.Tensor,
+                   layouts: dict):
     """The forward hook that adds each example's adapter to this module's base output, or None."""
     present = [n for n in used if n in module.adapters]
     if not present:
@@ -783,7 +850,7 @@ def _module_runner(peft_model, path: str, module: AdaptedModule, used: list[str]
         if stacks is not None:
             lora_A, lora_B, scaling, dropout, local = stacks
             output = gathered_lora_update(x, lora_A, lora_B, scaling, local.to(x.device)[ids], output,
-                                          dropout if module.training else None)
+                                          dropout if module.training else None, layouts=layouts)
         if replacements:
             if len(args) + len(kwargs) != 1:
                 raise PeftkitError(f"modules_to_save module {path} takes several inputs; it cannot be mixed per example")
