@@ -98,6 +98,26 @@ def test_kernel_pads_ranks_exactly_and_expands_rows():
         gathered_lora_update(torch.randn(3, 6), lora_A, lora_B, scaling, torch.tensor([2, 1]))
 
 
+@pytest.mark.parametrize("tokens", [1, 9])  # 1 token per row: slot-major layout; 9: factors gathered per row
+def test_kernel_both_layouts_match_a_loop_in_value_and_gradient(tokens):
+    generator = torch.Generator().manual_seed(1)
+    lora_A = torch.randn(4, 3, 5, generator=generator, requires_grad=True)
+    lora_B = torch.randn(4, 6, 3, generator=generator, requires_grad=True)
+    scaling = torch.tensor([0.0, 1.5, 0.5, 2.0])
+    x = torch.randn(5, tokens, 5, generator=generator, requires_grad=True)
+    ids = torch.tensor([2, 1, 2, 0, 2])  # repeated slots, slot 3 unused
+    base = torch.randn(5, tokens, 6, generator=generator)
+    output = gathered_lora_update(x, lora_A, lora_B, scaling, ids, base, layouts={})
+    expected = torch.stack([base[b] + scaling[i] * x[b] @ lora_A[i].T @ lora_B[i].T for b, i in enumerate(ids.tolist())])
+    torch.testing.assert_close(output, expected)
+    weights = torch.randn(output.shape, generator=generator)
+    grads = torch.autograd.grad((output * weights).sum(), (x, lora_A, lora_B))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, lora_A, lora_B))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    assert torch.count_nonzero(grads[1][3]) == 0 and torch.count_nonzero(grads[2][0]) == 0
+
+
 def test_gradients_of_a_mixed_batch_are_the_per_adapter_sums(bert_folders):
     mixed = MixedLoraModel.from_adapter_folders(tiny_bert(), bert_folders, capacity=4)
     mixed.train()  # no dropout in these adapters; BERT's own dropout is switched off below
