@@ -65,7 +65,8 @@ def _add_train_parser(commands) -> None:
 
     parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}; chat: "
                         f"{', '.join(list_instruct_tasks())}), a folder, or a .jsonl/.csv file (chat files: "
-                        "'messages' or 'instruction'/'input'/'output' per line)")
+                        "'messages' or 'instruction'/'input'/'output' per line); several, comma-separated (sst2,trec,cr,mr), "
+                        "co-train a LoRA adapter per task in one run with mixed batches")
     parser.add_argument("--method", default="lora", choices=list_methods(), help="how to adapt the model")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<model>-<task>-<method>)")
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
@@ -114,6 +115,8 @@ def _add_train_parser(commands) -> None:
     loop.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     loop.add_argument("--max-eval-examples", type=int, default=None)
     loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--patience", type=int, default=None, help="co-training (several tasks): a task stops after N evaluations without gain")
+    loop.add_argument("--evals-per-epoch", type=int, default=None, help="co-training (several tasks): evaluations per epoch (default 1)")
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_train)
 
@@ -184,6 +187,8 @@ def _is_causal_job(model: str, task: str) -> bool:
 def _train(args) -> int:
     from peftkit.config import load_config
 
+    if "," in args.task:  # several tasks: one co-training run, a LoRA adapter per task (peftkit.train.cotrain)
+        return __import__("peftkit.train.cotrain").train.cotrain.cotrain_from_cli(args, _method_options(args), _print_rows)
     causal = _is_causal_job(args.model, args.task)
     options = _method_options(args)
     config = load_config(args.config) if args.config else None

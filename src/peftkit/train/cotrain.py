@@ -1,0 +1,772 @@
+"""Co-training: one run trains a LoRA adapter per task, every batch mixing the tasks' examples.
+
+All adapters live as slots of one `MixedLoraModel` over the frozen base classifier, each with its own
+stacked classification head; every example of a batch runs with its own task's adapter, so a forward
+and backward pass over a mixed batch trains several adapters at once. Each adapter keeps what a
+separate run would have: its own optimizer state (`SlotAdamW`, one AdamW per slot on the stacked
+tensors), learning-rate schedule over its own number of steps, evaluation on its own validation split,
+best checkpoint, early stopping and gradient clipping.
+
+Batches ("task batches, length-matched"). Each task cuts its training data into the very batches its
+single-task run (`peftkit train --task T`, same seed and batch size) would use: `length_grouped_order`
+of its examples for that epoch. So each adapter takes the same number of optimizer steps, on batches
+of the same size, under the same schedule as its separate run. A forward pass holds at most one batch
+per task (one optimizer step per adapter per pass). Which batches share a pass is chosen by length, so
+that little padding is added: within an epoch, each task's batches are ranked by padded length and
+spread over the G passes of the epoch (G = the most batches any task has) at their rank's quantile,
+and the passes are then shuffled. A task's batches therefore come in a shuffled order, as in its
+separate run, only a different shuffle. A task that stops early leaves the passes (saving its
+compute) and its slot is no longer updated.
+
+Files under `output_dir`: `<task>/` per task (its best adapter in the peft layout plus
+`peftkit_run.json`, so `peftkit eval <output_dir>/<task>` and `peftkit predict` use it as they use the
+adapter of a single-task run), `metrics.json` (per-task history, steps, wall time) and `checkpoint/`
+(stacked slot tensors, optimizer moments and the RNG state in safetensors, the position and per-task
+state in JSON) to resume an interrupted run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from peftkit import io, zoo
+from peftkit.errors import PeftkitError
+from peftkit.methods.lora import LoraConfig
+from peftkit.mixed import MixedLoraModel
+from peftkit.targeting import CLASSIFIER_HEAD_NAMES
+from peftkit.train.data import PaddingCollator, length_grouped_order, tokenize_examples
+from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config
+from peftkit.train.loop import _lr_multiplier, _peak_rss_mb
+
+METRICS_FILENAME = "metrics.json"
+CHECKPOINT_DIRNAME = "checkpoint"
+_STATE_JSON = "state.json"
+_STATE_FORMAT = 1
+_SCHEDULERS = ("linear", "cosine", "constant")
+
+
+# --------------------------------------------------------------------------- the per-slot optimizer
+
+
+class SlotAdamW:
+    """AdamW on stacked tensors whose dim 0 is the adapter slot: an independent AdamW per slot.
+
+    torch optimizers take whole Parameters, not slices, so one stacked tensor (slots, ...) cannot have
+    a learning rate, step count or moments per slot there. Here each slot has its own: `step` takes a
+    learning rate per slot and the slots to update; the others keep their values and their moments
+    (no decay of a slot that saw no example). The update of a slot is torch.optim.AdamW's (decoupled
+    weight decay, bias correction by the slot's own step count).
+
+    params: tensors (slots, ...) with .grad; weight decay applies to those with 2+ dimensions per slot
+    (weights, not biases), as the single-task loop does.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params = list(params)
+        if not self.params:
+            raise PeftkitError("SlotAdamW needs at least one stacked tensor")
+        self.num_slots = self.params[0].shape[0]
+        for p in self.params:
+            if p.dim() < 2 or p.shape[0] != self.num_slots:
+                raise PeftkitError(f"SlotAdamW: every tensor needs dim 0 = slots ({self.num_slots}); got shape {tuple(p.shape)}")
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(self.num_slots, dtype=torch.long)  # optimizer steps taken, per slot
+
+    @torch.no_grad()
+    def step(self, learning_rates: Sequence[float] | torch.Tensor, active: Sequence[bool] | torch.Tensor) -> None:
+        """One AdamW step for each slot s with active[s], at learning rate learning_rates[s]."""
+        rates = torch.as_tensor(learning_rates, dtype=torch.float64).tolist()
+        chosen = torch.as_tensor(active, dtype=torch.bool).nonzero().flatten()
+        if len(rates) != self.num_slots or torch.as_tensor(active).numel() != self.num_slots:
+            raise PeftkitError(f"SlotAdamW.step needs one learning rate and one active flag per slot ({self.num_slots})")
+        if chosen.numel() == 0:
+            return
+        beta1, beta2 = self.betas
+        self.steps[chosen] += 1
+        # Per-slot scalars exactly as torch's AdamW computes them (Python floats), then one tensor each.
+        slot_rates = [rates[s] for s in chosen.tolist()]
+        slot_steps = self.steps[chosen].tolist()
+        step_size = [lr / (1 - beta1**n) for lr, n in zip(slot_rates, slot_steps)]
+        correction2_sqrt = [(1 - beta2**n) ** 0.5 for n in slot_steps]
+        decay_factor = [1 - lr * self.weight_decay for lr in slot_rates]
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            as_column = lambda values: torch.tensor(values, dtype=p.dtype, device=p.device).view(shape)  # noqa: E731
+            index = chosen.to(p.device)
+            grad = p.grad.index_select(0, index)
+            value = p.index_select(0, index)
+            if self.weight_decay and p.dim() > 2:
+                value = value * as_column(decay_factor)
+            m = exp_avg.index_select(0, index).lerp_(grad, 1 - beta1)
+            v = exp_avg_sq.index_select(0, index).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / as_column(correction2_sqrt)).add_(self.eps)
+            value = value - as_column(step_size) * (m / denom)
+            exp_avg.index_copy_(0, index, m)
+            exp_avg_sq.index_copy_(0, index, v)
+            p.index_copy_(0, index, value)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Moments and step counts as named tensors (for safetensors)."""
+        tensors = {"steps": self.steps.clone()}
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+            tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"] = m, v
+        return tensors
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+            for key, target in ((f"exp_avg.{i}", m), (f"exp_avg_sq.{i}", v)):
+                if key not in tensors or tensors[key].shape != target.shape:
+                    raise PeftkitError(f"{where}: optimizer state {key} is missing or has another shape; it was written "
+                                       "by a run with other tasks or another model")
+                target.copy_(tensors[key])
+        self.steps.copy_(tensors["steps"])
+
+
+@torch.no_grad()
+def clip_slot_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip each slot's gradient (over all `params`, dim 0 = slot) to norm `max_norm`, as
+    torch.nn.utils.clip_grad_norm_ does for one model. Returns the norms before clipping, (slots,)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads])  # (tensors, slots)
+    norms = torch.linalg.vector_norm(per_tensor, 2, dim=0)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype))
+    return norms
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def plan_epoch(task_batches: Mapping[str, Sequence[Sequence[int]]], padded_lengths: Mapping[str, Sequence[int]],
+               seed: int, epoch: int) -> list[dict[str, list[int]]]:
+    """The forward passes of one epoch: a list of {task: batch (example indices)}, at most one batch per task.
+
+    task_batches: each task's batches for this epoch, in its own order; padded_lengths: each batch's
+    longest example. Each task's batches are ranked by length and spread over G passes (G = the most
+    batches of any task) at their rank's quantile, so batches of similar length share a pass; the
+    passes are shuffled with (seed, epoch).
+    """
+    passes = max((len(batches) for batches in task_batches.values()), default=0)
+    plan: list[dict[str, list[int]]] = [{} for _ in range(passes)]
+    for task, batches in task_batches.items():
+        ranked = sorted(range(len(batches)), key=lambda b: (padded_lengths[task][b], b))
+        for rank, b in enumerate(ranked):
+            # floor((rank + 0.5) * G / n) is strictly increasing in rank since G >= n: one batch per pass.
+            plan[int((rank + 0.5) * passes / len(batches))][task] = list(batches[b])
+    random.Random(f"cotrain plan seed={seed} epoch={epoch}").shuffle(plan)
+    return plan
+
+
+def task_epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A task's batches for `epoch`: exactly those of its single-task run (`length_grouped_order`)."""
+    order = length_grouped_order(lengths, batch_size, seed, epoch)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------- arguments and results
+
+
+@dataclasses.dataclass
+class CotrainArguments:
+    """How to co-train. Batch sizes are per task: a forward pass holds up to batch_size rows of each task."""
+
+    output_dir: str
+    epochs: float = 2  # passes over each task's data
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    learning_rate: float | Mapping[str, float] = 1e-3  # one for all tasks, or {task: rate}
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    lr_scheduler: str = "linear"  # linear | cosine | constant (after warmup)
+    max_grad_norm: float | None = 1.0  # per adapter
+    evals_per_epoch: int = 1
+    # Early stopping: a task stops after `patience` evaluations in a row without an accuracy gain above
+    # min_delta (None: never); one number for all tasks, or {task: patience}.
+    patience: int | Mapping[str, int | None] | None = None
+    min_delta: float = 0.0
+    save_steps: int | None = 100  # also checkpoint every N forward passes (always after evaluations); None: not
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self, tasks: Sequence[str]) -> None:
+        def positive_int(name: str, value, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PeftkitError(f"CotrainArguments.{name} must be a whole number >= 1, got {value!r}")
+
+        if not self.output_dir:
+            raise PeftkitError("CotrainArguments.output_dir is empty; name a folder for the adapters and metrics")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
+            raise PeftkitError(f"CotrainArguments.epochs must be > 0, got {self.epochs!r}")
+        positive_int("batch_size", self.batch_size)
+        positive_int("eval_batch_size", self.eval_batch_size)
+        positive_int("evals_per_epoch", self.evals_per_epoch)
+        positive_int("save_steps", self.save_steps, allow_none=True)
+        for task, rate in self._per_task(self.learning_rate, tasks, "learning_rate").items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+                raise PeftkitError(f"CotrainArguments.learning_rate for {task!r} must be > 0, got {rate!r}")
+        for task, patience in self._per_task(self.patience, tasks, "patience").items():
+            if patience is not None:
+                positive_int(f"patience ({task})", patience)
+        if self.weight_decay < 0:
+            raise PeftkitError(f"CotrainArguments.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PeftkitError(f"CotrainArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.lr_scheduler not in _SCHEDULERS:
+            raise PeftkitError(f"CotrainArguments.lr_scheduler must be one of {', '.join(_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise PeftkitError(f"CotrainArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if self.min_delta < 0:
+            raise PeftkitError(f"CotrainArguments.min_delta must be >= 0, got {self.min_delta!r}")
+
+    @staticmethod
+    def _per_task(value, tasks: Sequence[str], field: str) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            return {task: value for task in tasks}
+        unknown = sorted(set(value) - set(tasks))
+        if unknown:
+            raise PeftkitError(f"CotrainArguments.{field} names {unknown}, which are not among the tasks ({', '.join(tasks)})")
+        missing = sorted(set(tasks) - set(value))
+        if field == "learning_rate" and missing:
+            raise PeftkitError(f"CotrainArguments.learning_rate gives no rate for {missing}; give one for every task")
+        return {task: value.get(task) for task in tasks}
+
+    def for_task(self, field: str, task: str, tasks: Sequence[str]):
+        return self._per_task(getattr(self, field), tasks, field)[task]
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """One task of a co-training run."""
+
+    name: str
+    task: str  # as given (a built-in name or a path)
+    validation_accuracy: float | None  # at the best evaluation (the saved adapter)
+    best_step: int | None
+    steps: int  # optimizer steps this adapter took
+    total_steps: int  # steps its schedule spans (epochs x its batches per epoch)
+    stopped_early: bool
+    train_examples: int
+    eval_examples: int
+    num_labels: int
+    adapter_dir: str
+    history: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class CotrainResult:
+    """What a co-training run measured; metrics.json holds the same fields."""
+
+    model: str
+    method: str
+    tasks: dict[str, TaskResult]
+    forward_passes: int  # this invocation
+    wall_time_s: float  # this invocation, loading included
+    train_time_s: float  # this invocation: forward, backward, optimizer (no evaluation, saving, loading)
+    examples_per_second: float
+    median_pass_time_s: float | None
+    padded_tokens: int  # rows x padded length summed over this invocation's passes
+    peak_rss_mb: float
+    trainable_parameters_per_task: int
+    resumed_from: str | None
+    output_dir: str
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _TaskState:
+    """Where one task stands; saved in the checkpoint's state.json."""
+
+    steps: int = 0
+    examples_seen: int = 0
+    loss_sum: float = 0.0  # over all steps, of each step's mean loss
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_eval: dict[str, float] | None = None
+    patience_reference: float | None = None  # best accuracy that reset the patience count
+    evaluations_without_gain: int = 0
+    last_eval_step: int | None = None
+    stopped_early: bool = False
+    finished: bool = False
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def training(self) -> bool:
+        return not (self.stopped_early or self.finished)
+
+
+@dataclasses.dataclass
+class _Task:
+    name: str
+    spec: str
+    label_names: list[str]
+    train: list[dict]
+    evaluation: list[dict] | None
+    lengths: list[int]
+    slot: int = 0
+    total_steps: int = 0
+    batches_per_epoch: int = 0
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def task_name(spec: str) -> str:
+    """The name a task gets in a co-training run (its folder and adapter name): a built-in task's name,
+    or a file's / folder's name without its data suffix."""
+    spec = str(spec)
+    if spec in zoo.list_tasks():
+        return spec
+    name = Path(spec).name
+    for suffix in (".jsonl", ".json", ".csv", ".tsv"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def cotrain_classifiers(
+    model: str = "minilm",
+    tasks: Sequence[str] = ("sst2", "trec", "cr", "mr"),
+    output_dir: str | os.PathLike = "runs/cotrain",
+    *,
+    config: LoraConfig | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    max_length: int = 128,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    seed: int = 0,
+) -> CotrainResult:
+    """Train one LoRA adapter per task in a single run over mixed batches; save each task's best adapter.
+
+    tasks: built-in task names or data paths (as `peftkit train --task`); config / method_options: the
+    LoRA config of every adapter (default: the single-task job's, `method_config("lora")`); training:
+    CotrainArguments fields (epochs, batch_size, learning_rate, patience, ...). Returns a CotrainResult;
+    `<output_dir>/<task name>/` holds each task's adapter, loadable as a single-task run's adapter.
+    """
+    started = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PeftkitError("co-training runs in one process; start it without accelerate launch / torchrun")
+    specs = [str(t) for t in tasks]
+    if len(specs) < 2:
+        raise PeftkitError(f"co-training needs two or more tasks, got {specs}; train one task with train_classifier")
+    names = [task_name(s) for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PeftkitError(f"tasks {repeated} appear twice (tasks are named by file or folder name: {names}); rename the files")
+    for name in names:
+        io.check_adapter_name(name)
+        if name in (CHECKPOINT_DIRNAME, METRICS_FILENAME):
+            raise PeftkitError(f"a task may not be named {name!r}: that name is taken by the run's own files; rename it")
+    lora_config = config or method_config("lora", **dict(method_options or {}))
+    if not isinstance(lora_config, LoraConfig) or lora_config.use_dora:
+        raise PeftkitError("co-training trains LoRA adapters only (mixed batches hold plain LoRA); use --method lora")
+    fields = {f.name for f in dataclasses.fields(CotrainArguments)} - {"output_dir"}
+    unknown = sorted(set(training or {}) - fields)
+    if unknown:
+        raise PeftkitError(f"co-training has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}")
+    arguments = CotrainArguments(output_dir=str(output_dir), **{"learning_rate": default_learning_rate("lora"), "seed": seed,
+                                                                **dict(training or {})})
+    arguments.validate(names)
+    output_dir = Path(output_dir)
+    checkpoint = output_dir / CHECKPOINT_DIRNAME
+    if not arguments.resume and (checkpoint / _STATE_JSON).is_file():
+        raise PeftkitError(f"{checkpoint} holds the checkpoint of an earlier run. Pass resume=True (peftkit train --resume) to "
+                           "continue it, or use another output directory (or delete that folder) to start afresh.")
+    if arguments.resume and not (checkpoint / _STATE_JSON).is_file():
+        raise PeftkitError(f"nothing to resume: {checkpoint} holds no checkpoint; start without --resume")
+
+    loaded = [zoo.load_task(s, text_column=text_column, label_column=label_column) for s in specs]
+    for spec, data in zip(specs, loaded):
+        if not data.train:
+            raise PeftkitError(f"task {spec!r} has no training examples")
+    max_labels = max(len(d.label_names) for d in loaded)
+    base, tokenizer = zoo.load_classifier(model, num_labels=2, seed=seed)
+    head = next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Linear)), None)
+    if head is None:
+        raise PeftkitError(f"{type(base).__name__} has no linear classification head ({' or '.join(CLASSIFIER_HEAD_NAMES)}); "
+                           "co-training stacks one head per task")
+    mixed = MixedLoraModel(base, lora_config.target_modules, capacity=len(specs), max_rank=lora_config.r, head=head,
+                           max_labels=max_labels)
+    task_list: list[_Task] = []
+    for name, spec, data in zip(names, specs, loaded):
+        train_examples = data.train[:max_train_examples] if max_train_examples else data.train
+        evaluation = data.validation or data.test
+        eval_examples = (evaluation[:max_eval_examples] if max_eval_examples else evaluation) if evaluation else None
+        features = tokenize_examples(train_examples, tokenizer, max_length=max_length)
+        task = _Task(name=name, spec=spec, label_names=data.label_names, train=features,
+                     evaluation=tokenize_examples(eval_examples, tokenizer, max_length=max_length) if eval_examples else None,
+                     lengths=[len(f["input_ids"]) for f in features])
+        # Each adapter starts as its single-task run's would: drawn from a random state seeded with `seed`.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            task.slot = mixed.add_adapter(name, lora_config, num_labels=len(data.label_names))
+        task.batches_per_epoch = math.ceil(len(features) / arguments.batch_size)
+        task.total_steps = max(1, math.ceil(arguments.epochs * task.batches_per_epoch - 1e-9))
+        task_list.append(task)
+
+    model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
+    run_info = {t.name: {"model": model_id, "task": t.spec if t.spec in zoo.list_tasks() else str(Path(t.spec).resolve()),
+                         "method": "lora", "label_names": t.label_names, "max_length": max_length,
+                         "text_column": text_column, "label_column": label_column, "full_finetune": False,
+                         "cotrained_with": [u.name for u in task_list if u is not t]}
+                for t in task_list}
+    trainer = _Cotrainer(mixed, task_list, arguments, PaddingCollator(tokenizer), output_dir, run_info)
+    return trainer.run(started, model=str(model))
+
+
+class _Cotrainer:
+    """The training loop of one co-training run (state, steps, evaluation, saving, resume)."""
+
+    def __init__(self, mixed: MixedLoraModel, tasks: list[_Task], args: CotrainArguments, collate: PaddingCollator,
+                 output_dir: Path, run_info: dict[str, dict]):
+        self.mixed, self.tasks, self.args, self.collate = mixed, tasks, args, collate
+        self.output_dir, self.run_info = output_dir, run_info
+        self.names = [t.name for t in tasks]
+        self.device = mixed._device()
+        self.params = mixed.slot_parameters()
+        self.optimizer = SlotAdamW(self.params, weight_decay=args.weight_decay)
+        self.states = {t.name: _TaskState() for t in tasks}
+        self.epoch, self.pass_in_epoch = 0, 0
+        self.epochs = math.ceil(args.epochs - 1e-9)
+        self.schedules = {}
+        for t in tasks:
+            warmup = math.ceil(args.warmup_ratio * t.total_steps)
+            self.schedules[t.name] = _lr_multiplier(args.lr_scheduler, warmup, t.total_steps)
+        self.base_rates = {t.name: float(args.for_task("learning_rate", t.name, self.names)) for t in tasks}
+        self.patience = {t.name: args.for_task("patience", t.name, self.names) for t in tasks}
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, started: float, model: str) -> CotrainResult:
+        args = self.args
+        resumed_from = None
+        if args.resume:
+            resumed_from = str(self._load_checkpoint())
+        else:
+            torch.manual_seed(args.seed)  # dropout in the base model, as the single-task loop seeds it
+        self.mixed.train()
+        plans = [self._plan(e) for e in range(self.epochs)]
+        total_passes = sum(len(p) for p in plans)
+        done_passes = sum(len(p) for p in plans[:self.epoch]) + self.pass_in_epoch
+        bar = tqdm(total=total_passes, initial=done_passes, desc="co-train", unit="pass", dynamic_ncols=True) if args.progress else None
+        self._bar = bar
+        pass_times: list[float] = []
+        train_time, rows_seen, padded_tokens = 0.0, 0, 0
+        while self.epoch < self.epochs:
+            plan = plans[self.epoch]
+            evaluation_points = {round(k * len(plan) / args.evals_per_epoch) for k in range(1, args.evals_per_epoch + 1)}
+            while self.pass_in_epoch < len(plan):
+                batches = {name: b for name, b in plan[self.pass_in_epoch].items() if self.states[name].training}
+                self.pass_in_epoch += 1
+                if batches:
+                    pass_started = time.perf_counter()
+                    rows, tokens = self._train_step(batches)
+                    pass_times.append(time.perf_counter() - pass_started)
+                    train_time += pass_times[-1]
+                    rows_seen += rows
+                    padded_tokens += tokens
+                finishing = [n for n in batches if self.states[n].steps >= self._task(n).total_steps]
+                if bar is not None:
+                    bar.set_postfix(loss=" ".join(f"{n}:{self._recent_loss(n):.3f}" for n in self.names if self.states[n].training),
+                                    ex_s=f"{rows_seen / max(train_time, 1e-9):.0f}", refresh=False)
+                    bar.update(1)
+                evaluate_all = self.pass_in_epoch in evaluation_points
+                due = [n for n in self.names if (self.states[n].training and evaluate_all) or n in finishing]
+                for name in finishing:
+                    self.states[name].finished = True
+                for name in due:
+                    if self.states[name].last_eval_step != self.states[name].steps:
+                        self._evaluate_and_record(name)
+                if due or (args.save_steps and self.pass_in_epoch % args.save_steps == 0):
+                    self._save_checkpoint()
+                if not any(s.training for s in self.states.values()):
+                    break
+            if not any(s.training for s in self.states.values()):
+                break
+            self.epoch += 1
+            self.pass_in_epoch = 0
+            self._save_checkpoint()
+        if bar is not None:
+            bar.close()
+        # A task with no evaluation split keeps its final weights.
+        for task in self.tasks:
+            if task.evaluation is None:
+                self._save_adapter(task.name)
+        self._save_checkpoint()
+
+        results = {t.name: self._task_result(t) for t in self.tasks}
+        result = CotrainResult(
+            model=model, method="lora", tasks=results, forward_passes=len(pass_times),
+            wall_time_s=time.perf_counter() - started, train_time_s=train_time,
+            examples_per_second=rows_seen / train_time if train_time > 0 else 0.0,
+            median_pass_time_s=statistics.median(pass_times) if pass_times else None, padded_tokens=padded_tokens,
+            peak_rss_mb=_peak_rss_mb(), trainable_parameters_per_task=self._trainable_per_task(),
+            resumed_from=resumed_from, output_dir=str(self.output_dir), seed=self.args.seed,
+        )
+        io.write_json(self.output_dir / METRICS_FILENAME, result.to_dict())
+        return result
+
+    def _plan(self, epoch: int) -> list[dict[str, list[int]]]:
+        batches, lengths = {}, {}
+        for t in self.tasks:
+            batches[t.name] = task_epoch_batches(t.lengths, self.args.batch_size, self.args.seed, epoch)
+            lengths[t.name] = [max(t.lengths[i] for i in b) for b in batches[t.name]]
+        return plan_epoch(batches, lengths, self.args.seed, epoch)
+
+    def _task(self, name: str) -> _Task:
+        return self.tasks[self.names.index(name)]
+
+    def _recent_loss(self, name: str) -> float:
+        state = self.states[name]
+        return state.window_loss_sum / state.window_steps if state.window_steps else float("nan")
+
+    def _train_step(self, batches: dict[str, list[int]]) -> tuple[int, int]:
+        """One forward / backward pass over the tasks' batches and one optimizer step per task in it.
+        Returns (rows, padded tokens)."""
+        features, slots, row_task = [], [], []
+        for position, (name, indices) in enumerate(batches.items()):
+            task = self._task(name)
+            features += [task.train[i] for i in indices]
+            slots += [task.slot] * len(indices)
+            row_task += [position] * len(indices)
+        batch = {k: v.to(self.device) for k, v in self.collate(features).items()}
+        labels = batch.pop("labels")
+        adapter_ids = torch.tensor(slots, device=self.device)
+        logits = self.mixed(**batch, adapter_ids=adapter_ids).logits
+        row_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        # Sum over tasks of each task's mean loss: each adapter gets the gradient of its own batch's mean.
+        row_task = torch.tensor(row_task, device=self.device)
+        counts = torch.bincount(row_task, minlength=len(batches)).to(row_loss.dtype)
+        (row_loss / counts[row_task]).sum().backward()
+        task_losses = torch.zeros(len(batches), dtype=torch.float64).index_add_(0, row_task.cpu(), row_loss.detach().double().cpu())
+        task_losses = (task_losses / counts.double().cpu()).tolist()
+
+        active = torch.zeros(self.optimizer.num_slots, dtype=torch.bool)
+        rates = [0.0] * self.optimizer.num_slots
+        for name in batches:
+            task, state = self._task(name), self.states[name]
+            active[task.slot] = True
+            rates[task.slot] = self.base_rates[name] * self.schedules[name](state.steps)
+        if self.args.max_grad_norm is not None:
+            clip_slot_gradients(self.params, self.args.max_grad_norm)
+        self.optimizer.step(rates, active)
+        self.optimizer.zero_grad()
+        for (name, indices), loss in zip(batches.items(), task_losses):
+            state = self.states[name]
+            state.steps += 1
+            state.examples_seen += len(indices)
+            state.loss_sum += loss
+            state.window_loss_sum += loss
+            state.window_steps += 1
+        return len(features), int(batch["input_ids"].numel())
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, name: str) -> dict[str, float]:
+        """Loss and accuracy of task `name`'s adapter on its evaluation split (as the single-task loop)."""
+        task = self._task(name)
+        was_training = self.mixed.training
+        self.mixed.eval()
+        loss_sum, correct = 0.0, 0
+        data = task.evaluation
+        with torch.random.fork_rng(devices=[]):
+            for start in range(0, len(data), self.args.eval_batch_size):
+                chunk = data[start:start + self.args.eval_batch_size]
+                batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
+                labels = batch.pop("labels")
+                ids = torch.full((len(chunk),), task.slot, dtype=torch.long, device=self.device)
+                logits = self.mixed(**batch, adapter_ids=ids).logits.float()
+                loss_sum += float(F.cross_entropy(logits, labels)) * len(chunk)
+                correct += int((logits.argmax(-1) == labels).sum())
+        self.mixed.train(was_training)
+        return {"loss": loss_sum / len(data), "accuracy": correct / len(data)}
+
+    def _evaluate_and_record(self, name: str) -> None:
+        task, state = self._task(name), self.states[name]
+        evaluation = self.evaluate(name) if task.evaluation else None
+        entry = {"epoch": round(state.steps / task.batches_per_epoch, 4), "step": state.steps,
+                 "train_loss": state.window_loss_sum / state.window_steps if state.window_steps else None,
+                 "eval": evaluation}
+        state.history.append(entry)
+        state.window_loss_sum, state.window_steps = 0.0, 0
+        state.last_eval_step = state.steps
+        if evaluation is None:
+            return
+        value = evaluation["accuracy"]
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step, state.best_eval = value, state.steps, evaluation
+            self._save_adapter(name)
+        if state.patience_reference is None or value > state.patience_reference + self.args.min_delta:
+            state.patience_reference, state.evaluations_without_gain = value, 0
+        else:
+            state.evaluations_without_gain += 1
+        patience = self.patience[name]
+        stopping = patience is not None and state.evaluations_without_gain >= patience and not state.finished
+        if stopping:
+            state.stopped_early = True
+            entry["stopped_early"] = True
+        if self._bar is not None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items())
+            note = f"; stopped ({state.evaluations_without_gain} evaluations without gain)" if stopping else ""
+            self._bar.write(f"{name} step {state.steps} (epoch {entry['epoch']:g}): eval {shown}{note}")
+
+    # -- files -----------------------------------------------------------------------------------
+    def _save_adapter(self, name: str) -> None:
+        folder = self.output_dir / name
+        self.mixed.save_adapter(name, folder)
+        io.write_json(folder / RUN_INFO_NAME, self.run_info[name])
+
+    def _named_slot_tensors(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in self.mixed.named_parameters()}
+        return {f"param.{names[id(p)]}": p for p in self.params}
+
+    def _geometry(self) -> dict[str, Any]:
+        return {"tasks": self.names, "train_examples": [len(t.train) for t in self.tasks],
+                "batch_size": self.args.batch_size, "seed": self.args.seed, "epochs": self.args.epochs}
+
+    def _save_checkpoint(self) -> None:
+        """Tensors first (a new file), then state.json naming it: the JSON is the commit point."""
+        folder = self.output_dir / CHECKPOINT_DIRNAME
+        passes = self.epoch * max(t.batches_per_epoch for t in self.tasks) + self.pass_in_epoch
+        tensors_name = f"state-{self.epoch}-{self.pass_in_epoch}.safetensors"
+        tensors = {**self._named_slot_tensors(), **{f"optimizer.{k}": v for k, v in self.optimizer.state_tensors().items()},
+                   "rng.torch": torch.get_rng_state()}
+        io.write_tensors(folder / tensors_name, tensors)
+        io.write_json(folder / _STATE_JSON, {
+            "format": _STATE_FORMAT, "tensors": tensors_name, "geometry": self._geometry(), "passes_done": passes,
+            "epoch": self.epoch, "pass_in_epoch": self.pass_in_epoch,
+            "tasks": {n: dataclasses.asdict(s) for n, s in self.states.items()},
+        })
+        for old in folder.glob("state-*.safetensors"):
+            if old.name != tensors_name:
+                old.unlink(missing_ok=True)
+
+    def _load_checkpoint(self) -> Path:
+        import json
+
+        folder = self.output_dir / CHECKPOINT_DIRNAME
+        try:
+            saved = json.loads((folder / _STATE_JSON).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise PeftkitError(f"{folder / _STATE_JSON} is not valid JSON ({error}); start afresh in another folder") from None
+        if saved.get("format") != _STATE_FORMAT:
+            raise PeftkitError(f"{folder} was written by another version of co-training (format {saved.get('format')})")
+        for key, value in self._geometry().items():
+            if saved["geometry"].get(key) != value:
+                raise PeftkitError(f"cannot resume {folder}: it was trained with {key}={saved['geometry'].get(key)}, this run has "
+                                   f"{value}; resume with the same tasks, data, batch size, epochs and seed")
+        tensors = io.read_tensors(folder / saved["tensors"])
+        with torch.no_grad():
+            for key, p in self._named_slot_tensors().items():
+                if key not in tensors or tensors[key].shape != p.shape:
+                    raise PeftkitError(f"cannot resume {folder}: {key} is missing or has another shape (another model or LoRA config)")
+                p.copy_(tensors[key])
+        self.optimizer.load_state_tensors({k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
+                                          str(folder))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.states = {n: _TaskState(**s) for n, s in saved["tasks"].items()}
+        self.epoch, self.pass_in_epoch = saved["epoch"], saved["pass_in_epoch"]
+        return folder
+
+    # -- results ---------------------------------------------------------------------------------
+    def _task_result(self, task: _Task) -> TaskResult:
+        state = self.states[task.name]
+        return TaskResult(
+            name=task.name, task=task.spec, validation_accuracy=(state.best_eval or {}).get("accuracy"),
+            best_step=state.best_step, steps=state.steps, total_steps=task.total_steps, stopped_early=state.stopped_early,
+            train_examples=len(task.train), eval_examples=len(task.evaluation or []), num_labels=len(task.label_names),
+            adapter_dir=str(self.output_dir / task.name), history=state.history,
+        )
+
+    def _trainable_per_task(self) -> int:
+        task = self.tasks[0]
+        total = sum(layer.ranks[task.slot] * (layer.in_features + layer.out_features) for layer in self.mixed.layers.values())
+        return total + len(task.label_names) * (self.mixed.head.in_features + 1)
+
+
+def describe(result: CotrainResult) -> list[tuple[str, str]]:
+    """Rows for the command line: one per task, then the run's totals."""
+    rows = []
+    for name, task in result.tasks.items():
+        accuracy = "n/a (no validation split)" if task.validation_accuracy is None else f"{100 * task.validation_accuracy:.2f}%"
+        stop = f", stopped early at step {task.steps}" if task.stopped_early else ""
+        rows.append((name, f"{accuracy} (best at step {task.best_step} of {task.total_steps}{stop}) -> {task.adapter_dir}"))
+    rows.append(("forward passes", f"{result.forward_passes} ({result.examples_per_second:.1f} examples/s)"))
+    rows.append(("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)"))
+    rows.append(("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"))
+    return rows
+
+
+__all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
+           "cotrain_from_cli", "describe", "plan_epoch", "task_epoch_batches", "task_name"]
+
+
+def cotrain_from_cli(args, method_options: Mapping[str, Any], print_rows) -> int:
+    """`peftkit train --task a,b,...`: the co-training run for the parsed train arguments."""
+    from peftkit.config import load_config
+
+    specs = [part.strip() for part in args.task.split(",") if part.strip()]
+    if args.method != "lora":
+        raise PeftkitError(f"co-training (several tasks in --task) trains LoRA adapters only, got --method {args.method}: "
+                           f"use --method lora, or train each task on its own (peftkit train --task {specs[0]} ...)")
+    refused = {"--max-steps": args.max_steps is not None, "--max-minutes": getattr(args, "max_minutes", None) is not None,
+               "--grad-accum": args.grad_accum != 1, "--mixed-precision": args.mixed_precision != "no",
+               "--gradient-checkpointing": args.gradient_checkpointing, "--packing": args.packing,
+               "--quantize": getattr(args, "quantize", None) not in (None, "none")}
+    refused = [flag for flag, given in refused.items() if given]
+    if refused:
+        raise PeftkitError(f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply to co-training (several tasks "
+                           "in --task); its length is set with --epochs")
+    if zoo.model_kind(args.model) != "encoder":
+        raise PeftkitError(f"co-training trains classifiers on an encoder model; {args.model} is a causal LM")
+    config = load_config(args.config) if args.config else None
+    model_label = Path(args.model).name if os.sep in args.model else args.model
+    output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{'+'.join(task_name(s) for s in specs)}-lora")
+    training = dict(epochs=args.epochs if args.epochs is not None else 2, batch_size=args.batch_size or 32,
+                    weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler,
+                    max_grad_norm=args.max_grad_norm or None, resume=args.resume, seed=args.seed,
+                    progress=not args.no_progress, patience=getattr(args, "patience", None),
+                    evals_per_epoch=getattr(args, "evals_per_epoch", None) or 1)
+    if args.lr is not None:
+        training["learning_rate"] = args.lr
+    if args.save_steps is not None:
+        training["save_steps"] = args.save_steps
+    print(f"peftkit train: co-training lora on {args.model} / {', '.join(specs)} -> {output_dir}", flush=True)
+    result = cotrain_classifiers(args.model, specs, output_dir, config=config, method_options=method_options,
+                                 training=training, max_length=args.max_length or 128,
+                                 max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+                                 text_column=args.text_column, label_column=args.label_column, seed=args.seed)
+    print_rows(describe(result))
+    return 0
