@@ -175,7 +175,9 @@ class MixedLoraLinear(nn.Module):
             torch.zeros(slots, max_rank, self.out_features, dtype=weight.dtype, device=weight.device).transpose(1, 2))
         self.register_buffer("scaling", torch.zeros(slots, device=weight.device))
         self.register_buffer("dropout", torch.zeros(slots, device=weight.device))
-        self.ranks = [0] * slots  # rank of each slot's adapter here; 0: the adapter leaves this layer alone
+        # Rank of each slot's adapter here (0: the adapter leaves this layer alone); a buffer, so it travels
+        # with state_dict like the factors.
+        self.register_buffer("ranks", torch.zeros(slots, dtype=torch.long, device=weight.device))
         object.__setattr__(self, "selection", selection)  # shared state, not a submodule
 
     def __getattr__(self, name: str):
@@ -188,7 +190,7 @@ class MixedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = _read_selection(self.selection, "a mixed LoRA layer")
         single = self.selection.single_id
-        if single == 0:
+        if single is not None and int(self.ranks[single]) == 0:  # "no adapter", or one that leaves this layer alone
             return self.base_layer(x)
         if single is not None and self._merging_pays(x):
             # One adapter for every row, no autograd, many rows: W + s B A costs less than the low-rank side path.
@@ -425,7 +427,7 @@ class MixedLoraModel(nn.Module):
         slot = self.slot(name)
         total = 0
         for layer in self.layers.values():
-            total += layer.ranks[slot] * (layer.in_features + layer.out_features) * layer.lora_A.element_size()
+            total += int(layer.ranks[slot]) * (layer.in_features + layer.out_features) * layer.lora_A.element_size()
         if self.head is not None and self._has_own_head(name):
             labels = int(self.head.num_labels[slot])
             total += labels * (self.head.in_features + 1) * self.head.weight.element_size()
@@ -578,7 +580,7 @@ class MixedLoraModel(nn.Module):
         config = self._configs[name]
         tensors = {}
         for path, layer in self.layers.items():
-            rank = layer.ranks[slot]
+            rank = int(layer.ranks[slot])
             if rank:
                 tensors[f"{io.KEY_PREFIX}{path}.lora_A.weight"] = layer.lora_A[slot, :rank]
                 tensors[f"{io.KEY_PREFIX}{path}.lora_B.weight"] = layer.lora_B[slot, :, :rank]
