@@ -308,6 +308,16 @@ def test_cache_evicts_least_recently_used_under_its_byte_budget(classifier_files
         assert "peftkit_adapter_cache_misses_total 4" in metrics and "peftkit_adapter_cache_memory_hits_total 1" in metrics
 
 
+def test_cache_with_no_memory_budget_reads_every_slot_miss_from_disk(classifier_files):
+    model_folder, adapters = classifier_files
+    with serving(model_folder, adapters, capacity=1, cache_bytes=0) as (client, server):
+        for name in ["a0", "a1", "a0", "a0"]:
+            assert client.post("/v1/classify", json={"adapter": name, "texts": ["x"]}).status_code == 200
+        counts = server.cache.snapshot()
+        assert (counts["disk_loads"], counts["memory_hits"], counts["slot_hits"], counts["slot_evictions"]) == (3, 0, 1, 2)
+        assert counts["memory_bytes"] == 0 and server.cache.in_memory() == []
+
+
 def test_load_and_delete_endpoints(classifier_files):
     model_folder, adapters = classifier_files
     with serving(model_folder, adapters) as (client, server):
