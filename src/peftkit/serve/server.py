@@ -8,6 +8,7 @@ queue it for the next batch and return the result; `peftkit.serve.app` puts HTTP
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from safetensors import safe_open
 
 from peftkit import io, zoo
 from peftkit.errors import PeftkitError
-from peftkit.serve.batching import DynamicBatcher, Request
+from peftkit.serve.batching import DynamicBatcher, QueueFullError, Request
 from peftkit.serve.cache import AdapterCache, AdapterDirectory, AdapterInfo, AdapterMismatchError
 from peftkit.serve.inference import (
     BASE_ADAPTER,
@@ -333,22 +334,24 @@ class AdapterServer:
         return Request(kind="generate", adapter=adapter, rows=1, payload=work, batch_key=key, stream=stream)
 
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        """Run completion requests (one per prompt) and wait for all of them."""
-        import asyncio
-
-        if len(requests) > self.settings.max_queue - self.batcher.queue_depth:
-            from peftkit.serve.batching import QueueFullError
-
-            raise QueueFullError(f"{len(requests)} prompts do not fit the queue ({self.batcher.queue_depth} waiting of {self.settings.max_queue})")
+        """Run completion requests (one per prompt, all queued or none) and wait for all of them."""
+        free = self.settings.max_queue - self.batcher.queue_depth
+        if len(requests) > free:
+            raise QueueFullError(f"{len(requests)} prompts do not fit the queue ({self.batcher.queue_depth} of "
+                                 f"{self.settings.max_queue} places taken)")
         for request in requests:
             self.batcher.submit(request)
-        return list(await asyncio.gather(*(request.future for request in requests)))
+        return list(await asyncio.gather(*(self._result(request) for request in requests)))
 
     def submit(self, request: Request) -> Request:
         return self.batcher.submit(request)
 
     async def _run(self, request: Request):
         self.batcher.submit(request)
+        return await self._result(request)
+
+    @staticmethod
+    async def _result(request: Request):
         try:
             return await request.future
         except PeftkitError as error:
