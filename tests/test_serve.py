@@ -144,16 +144,18 @@ def test_classify_matches_the_plain_adapter(classifier_files):
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_requests_for_different_adapters_run_as_one_forward(classifier_files):
+@pytest.mark.parametrize("forward_rows, forwards", [(0, 1), (8, 1), (2, 3)])
+def test_requests_for_different_adapters_run_as_one_batch(classifier_files, forward_rows, forwards):
+    """One batch of 6 rows for 3 adapters: one forward, or length-sorted forwards of 2 rows that each mix adapters."""
     model_folder, adapters = classifier_files
     requests = [("/v1/classify", {"adapter": name, "texts": TEXTS[2 * i:2 * i + 2]}) for i, name in enumerate(LABELS)]
     # The batch fires when full (6 rows); the long wait only guards against a slow thread start.
     with serving(model_folder, adapters, max_wait_ms=0) as (client, _):
         singles = [client.post(path, json=body).json() for path, body in requests]
-    with serving(model_folder, adapters, max_batch_size=6, max_wait_ms=3000) as (client, server):
+    with serving(model_folder, adapters, max_batch_size=6, max_wait_ms=3000, forward_rows=forward_rows) as (client, server):
         before = (server.batcher.batches_run, server.runner.forwards)
         responses = post_concurrently(client, requests)
-        assert (server.batcher.batches_run - before[0], server.runner.forwards - before[1]) == (1, 1)
+        assert (server.batcher.batches_run - before[0], server.runner.forwards - before[1]) == (1, forwards)
         assert server.batcher.history[-1].adapters == 3 and server.batcher.history[-1].rows == 6
     for (_, body), response, single in zip(requests, responses, singles):
         assert response.status_code == 200

@@ -62,6 +62,7 @@ class ServeSettings:
     max_texts: int | None = None  # texts per /v1/classify request, prompts per /v1/completions (default: max_batch_size)
     max_text_chars: int = 4000  # characters per text, prompt or chat message
     max_length: int = 128  # tokens per text for classification (longer texts are truncated)
+    forward_rows: int = 8  # classification: a batch runs as length-sorted forwards of this many rows (0: one forward)
     max_tokens: int = 256  # completion tokens per request
     max_prompt_tokens: int = 1024  # prompt tokens per completion request
     max_body_bytes: int = 1 * 2**20  # request body size
@@ -73,8 +74,8 @@ class ServeSettings:
                      "max_prompt_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise PeftkitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.cache_bytes < 0:
-            raise PeftkitError("--max-wait-ms and --cache-bytes must be >= 0")
+        if self.max_wait_ms < 0 or self.cache_bytes < 0 or self.forward_rows < 0:
+            raise PeftkitError("--max-wait-ms, --cache-bytes and --forward-rows must be >= 0")
         if self.capacity is not None and self.capacity < 1:
             raise PeftkitError(f"--capacity must be at least 1 adapter slot, got {self.capacity}")
         if self.max_texts > self.max_batch_size:
@@ -195,7 +196,8 @@ class AdapterServer:
         self.cache = AdapterCache(directory, mixed_model, capacity=plan.capacity, byte_budget=settings.cache_bytes,
                                   check=self._check_adapter)
         if kind == "encoder":
-            self.runner = ClassificationRunner(mixed_model, tokenizer, self.cache, max_length=settings.max_length)
+            self.runner = ClassificationRunner(mixed_model, tokenizer, self.cache, max_length=settings.max_length,
+                                               forward_rows=settings.forward_rows)
         else:
             tokenizer.padding_side = "left"
             self.runner = GenerationRunner(mixed_model, tokenizer, self.cache)
