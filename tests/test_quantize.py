@@ -377,3 +377,25 @@ def test_parameter_report_counts_the_quantized_weights_and_lora_export_is_exact(
     for path, update in updates.items():
         delta = model.base_model.get_submodule(path).adapters["default"].delta_weight()
         assert torch.allclose(update, delta, atol=1e-6), path
+
+
+def test_causal_training_with_quantize_nf4_saves_and_reloads_the_quantized_base(tmp_path):
+    from conftest import tiny_chat_model_folder
+
+    from peftkit.cli import main
+    from peftkit.train.instruct import load_causal_run
+
+    folder = tiny_chat_model_folder(tmp_path / "tiny-chat")
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--task", "trec-instruct", "--method", "lora", "--quantize", "nf4",
+                 "--max-steps", "2", "--max-train-examples", "16", "--max-eval-examples", "4", "--batch-size", "4",
+                 "--no-progress", "--output-dir", str(output)]) == 0
+    info = json.loads((output / "adapter" / "peftkit_run.json").read_text())
+    assert info["quantize"]["scheme"] == "nf4" and info["kind"] == "causal"
+    model, tokenizer, _ = load_causal_run(output / "adapter")
+    layers = model.base_model.model.layers[0]
+    assert isinstance(layers.self_attn.q_proj.base_layer, QuantizedLinear)
+    assert type(model.base_model.lm_head) is nn.Linear
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 6)
