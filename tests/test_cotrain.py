@@ -105,10 +105,12 @@ def test_plan_holds_every_batch_once_and_at_most_one_batch_per_task():
     batches = {t: task_epoch_batches(l, 4, seed=0, epoch=1) for t, l in lengths.items()}
     padded = {t: [max(lengths[t][i] for i in b) for b in batches[t]] for t in lengths}
     plan = plan_epoch(batches, padded, seed=0, epoch=1)
-    assert len(plan) == max(len(b) for b in batches.values())
     for task in lengths:
         planned = [p[task] for p in plan if task in p]
         assert sorted(planned) == sorted(batches[task])  # each batch once, as the task's own run cuts them
+    for one_pass in plan:  # a pass pads no batch beyond its own length
+        assert len({max(lengths[t][i] for i in b) for t, b in one_pass.items()}) == 1
+    assert len(plan) < sum(len(b) for b in batches.values())  # some passes do share
     assert plan == plan_epoch(batches, padded, seed=0, epoch=1)
     assert plan != plan_epoch(batches, padded, seed=0, epoch=2)
     # The task's batches are those of its single-task run: length_grouped_order cut into batch_size runs.
@@ -254,7 +256,18 @@ def test_early_stopping_takes_a_task_out_of_the_batches(tiny_model_folder, tmp_p
     assert len(stopped.history) == 2 and stopped.history[-1]["stopped_early"]
     assert stopped.steps == stopped.history[-1]["step"] < stopped.total_steps == 15
     assert kept.steps == kept.total_steps == 15
-    assert result.forward_passes == 15  # the passes after the stop run colors alone
+    # After the stop, pos_neg's batches leave the passes: a pass runs only while it holds a batch of a training task.
+    tokenizer = zoo.load_classifier(tiny_model_folder, 2)[1]
+    lengths = {t.name: [len(f["input_ids"]) for f in cotrain.tokenize_examples(zoo.load_task(t).train, tokenizer)] for t in tasks}
+    expected, pos_neg_done = 0, 0
+    for epoch in range(3):
+        batches = {n: task_epoch_batches(lengths[n], 8, 0, epoch) for n in lengths}
+        padded = {n: [max(lengths[n][i] for i in b) for b in batches[n]] for n in lengths}
+        for planned in plan_epoch(batches, padded, 0, epoch):
+            runs_pos_neg = "pos_neg" in planned and pos_neg_done < stopped.steps
+            pos_neg_done += runs_pos_neg
+            expected += runs_pos_neg or "colors" in planned
+    assert result.forward_passes == expected
     # Its slot was frozen at the stop: the checkpoint's final tensors equal the state at the stop only if
     # nothing moved afterwards; its saved adapter is the best (first) evaluation.
     assert stopped.best_step == stopped.history[0]["step"]

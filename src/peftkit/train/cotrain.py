@@ -11,12 +11,11 @@ Batches ("task batches, length-matched"). Each task cuts its training data into 
 single-task run (`peftkit train --task T`, same seed and batch size) would use: `length_grouped_order`
 of its examples for that epoch. So each adapter takes the same number of optimizer steps, on batches
 of the same size, under the same schedule as its separate run. A forward pass holds at most one batch
-per task (one optimizer step per adapter per pass). Which batches share a pass is chosen by length, so
-that little padding is added: within an epoch, each task's batches are ranked by padded length and
-spread over the G passes of the epoch (G = the most batches any task has) at their rank's quantile,
-and the passes are then shuffled. A task's batches therefore come in a shuffled order, as in its
-separate run, only a different shuffle. A task that stops early leaves the passes (saving its
-compute) and its slot is no longer updated.
+per task (one optimizer step per adapter per pass), and batches of the same padded length share a
+pass, so no row is padded beyond what its own batch needs: co-training trains exactly the tokens of
+the separate runs, in fewer and larger passes. The passes of an epoch are shuffled, so a task's
+batches come in a random order, as in its separate run (only another shuffle). A task that stops
+early leaves the passes (saving its compute) and its slot is no longer updated.
 
 Files under `output_dir`: `<task>/` per task (its best adapter in the peft layout plus
 `peftkit_run.json`, so `peftkit eval <output_dir>/<task>` and `peftkit predict` use it as they use the
@@ -49,6 +48,9 @@ from peftkit.targeting import CLASSIFIER_HEAD_NAMES
 from peftkit.train.data import PaddingCollator, length_grouped_order, tokenize_examples
 from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config
 from peftkit.train.loop import _lr_multiplier, _peak_rss_mb
+
+__all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
+           "cotrain_from_cli", "describe", "plan_epoch", "task_epoch_batches", "task_name"]
 
 METRICS_FILENAME = "metrics.json"
 CHECKPOINT_DIRNAME = "checkpoint"
@@ -165,18 +167,21 @@ def plan_epoch(task_batches: Mapping[str, Sequence[Sequence[int]]], padded_lengt
                seed: int, epoch: int) -> list[dict[str, list[int]]]:
     """The forward passes of one epoch: a list of {task: batch (example indices)}, at most one batch per task.
 
-    task_batches: each task's batches for this epoch, in its own order; padded_lengths: each batch's
-    longest example. Each task's batches are ranked by length and spread over G passes (G = the most
-    batches of any task) at their rank's quantile, so batches of similar length share a pass; the
-    passes are shuffled with (seed, epoch).
+    task_batches: each task's batches for this epoch; padded_lengths: each batch's longest example.
+    Batches of the same padded length from different tasks share a pass, so a pass pads no row beyond
+    what its own task's batch would: the passes cost the tokens of the separate runs, in fewer, larger
+    matmuls. The passes are then shuffled with (seed, epoch), which puts each task's batches in a random
+    order, as its single-task run has them.
     """
-    passes = max((len(batches) for batches in task_batches.values()), default=0)
-    plan: list[dict[str, list[int]]] = [{} for _ in range(passes)]
+    by_length: dict[int, dict[str, list[list[int]]]] = {}
     for task, batches in task_batches.items():
-        ranked = sorted(range(len(batches)), key=lambda b: (padded_lengths[task][b], b))
-        for rank, b in enumerate(ranked):
-            # floor((rank + 0.5) * G / n) is strictly increasing in rank since G >= n: one batch per pass.
-            plan[int((rank + 0.5) * passes / len(batches))][task] = list(batches[b])
+        for batch, length in zip(batches, padded_lengths[task]):
+            by_length.setdefault(int(length), {}).setdefault(task, []).append(list(batch))
+    plan: list[dict[str, list[int]]] = []
+    for length in sorted(by_length):
+        same = by_length[length]
+        for k in range(max(len(batches) for batches in same.values())):
+            plan.append({task: batches[k] for task, batches in same.items() if k < len(batches)})
     random.Random(f"cotrain plan seed={seed} epoch={epoch}").shuffle(plan)
     return plan
 
@@ -275,6 +280,7 @@ class TaskResult:
     train_examples: int
     eval_examples: int
     num_labels: int
+    trainable_parameters: int  # this adapter's LoRA factors and head
     adapter_dir: str
     history: list[dict[str, Any]]
 
@@ -293,7 +299,6 @@ class CotrainResult:
     median_pass_time_s: float | None
     padded_tokens: int  # rows x padded length summed over this invocation's passes
     peak_rss_mb: float
-    trainable_parameters_per_task: int
     resumed_from: str | None
     output_dir: str
     seed: int
@@ -532,7 +537,7 @@ class _Cotrainer:
             wall_time_s=time.perf_counter() - started, train_time_s=train_time,
             examples_per_second=rows_seen / train_time if train_time > 0 else 0.0,
             median_pass_time_s=statistics.median(pass_times) if pass_times else None, padded_tokens=padded_tokens,
-            peak_rss_mb=_peak_rss_mb(), trainable_parameters_per_task=self._trainable_per_task(),
+            peak_rss_mb=_peak_rss_mb(),
             resumed_from=resumed_from, output_dir=str(self.output_dir), seed=self.args.seed,
         )
         io.write_json(self.output_dir / METRICS_FILENAME, result.to_dict())
@@ -707,12 +712,11 @@ class _Cotrainer:
             name=task.name, task=task.spec, validation_accuracy=(state.best_eval or {}).get("accuracy"),
             best_step=state.best_step, steps=state.steps, total_steps=task.total_steps, stopped_early=state.stopped_early,
             train_examples=len(task.train), eval_examples=len(task.evaluation or []), num_labels=len(task.label_names),
-            adapter_dir=str(self.output_dir / task.name), history=state.history,
+            trainable_parameters=self._trainable_parameters(task), adapter_dir=str(self.output_dir / task.name), history=state.history,
         )
 
-    def _trainable_per_task(self) -> int:
-        task = self.tasks[0]
-        total = sum(layer.ranks[task.slot] * (layer.in_features + layer.out_features) for layer in self.mixed.layers.values())
+    def _trainable_parameters(self, task: _Task) -> int:
+        total = sum(int(layer.ranks[task.slot]) * (layer.in_features + layer.out_features) for layer in self.mixed.layers.values())
         return total + len(task.label_names) * (self.mixed.head.in_features + 1)
 
 
@@ -727,10 +731,6 @@ def describe(result: CotrainResult) -> list[tuple[str, str]]:
     rows.append(("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)"))
     rows.append(("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"))
     return rows
-
-
-__all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
-           "cotrain_from_cli", "describe", "plan_epoch", "task_epoch_batches", "task_name"]
 
 
 def cotrain_from_cli(args, method_options: Mapping[str, Any], print_rows) -> int:
