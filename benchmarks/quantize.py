@@ -11,8 +11,10 @@
    included, which stay float32.
 2. Accuracy: LoRA on minilm / sst2 with every default, `peftkit train --method lora --model minilm
    --task sst2 --seed 0`, once with `--quantize nf4`. The runs are slow (minutes each), so they are
-   given as run folders (`--nf4-run`, `--float-run`); a folder without job.json is trained here with
-   the command above. Accuracy is the best evaluated epoch on the validation split (872 sentences).
+   given as run folders (`--nf4-run`, `--float-run`; `--train-missing` trains an empty one here). The
+   accuracy on the validation split (872 sentences) is compared at every step both runs evaluated;
+   the verdict uses the best epoch of each finished run, or, while a run is still training, the last
+   step both evaluated (reported as partial).
 3. Step time: one LoRA training step (the job's config: r=8, alpha 16, every linear layer) on minilm,
    batch 32 x 64 tokens, on a float32, an NF4 and an int8 base, timed in interleaved rounds in one
    process (median over rounds, ratios from the same run). Hugging Face peft's QLoRA needs
@@ -98,19 +100,62 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def read_or_train(folder: Path, quantize: str | None) -> dict:
-    """The job.json and metrics.json of a run folder, training it first when it has none."""
+def read_run(folder: Path, quantize: str | None, train_missing: bool) -> dict | None:
+    """What a run folder measured: the finished run (job.json, metrics.json), else the evaluations in
+    its newest checkpoint (a run still training: `complete` False), else (with train_missing) the run
+    trained here; None when there is nothing."""
     command = TRAIN_COMMAND + (["--quantize", quantize] if quantize else [])
-    if not (folder / "job.json").is_file():
+    if not (folder / "job.json").is_file() and not list(folder.glob("checkpoints/step-*/state.json")) and train_missing:
         print(f"training {folder}: peftkit {' '.join(command)}", flush=True)
         subprocess.run(peftkit_command() + command + ["--output-dir", str(folder), "--no-progress"], check=True)
-    job = json.loads((folder / "job.json").read_text())
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-    run_info = json.loads((folder / "adapter" / "peftkit_run.json").read_text())
-    return {"command": "peftkit " + " ".join(command), "run_folder": str(folder), "quantize": run_info.get("quantize"),
-            "validation_accuracy": job["validation_accuracy"], "steps": job["steps"],
-            "train_time_s": job["train_time_s"], "examples_per_second": job["examples_per_second"],
-            "peak_rss_mb": job["peak_rss_mb"], "evaluations": metrics.get("evaluations", metrics.get("eval_history"))}
+    run = {"command": "peftkit " + " ".join(command), "run_folder": str(folder)}
+    if (folder / "job.json").is_file():
+        job = json.loads((folder / "job.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        info = json.loads((folder / "adapter" / "peftkit_run.json").read_text())
+        return {**run, "complete": True, "quantize": info.get("quantize"), "best_accuracy": job["validation_accuracy"],
+                "evaluations": _evaluations(metrics["history"]), "steps": job["steps"],
+                "train_time_s": job["train_time_s"], "examples_per_second": job["examples_per_second"],
+                "peak_rss_mb": job["peak_rss_mb"]}
+    states = sorted(folder.glob("checkpoints/step-*/state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return None
+    progress = json.loads(states[-1].read_text())["progress"]
+    return {**run, "complete": False, "best_accuracy": progress["best_eval"]["accuracy"],
+            "evaluations": _evaluations(progress["history"]), "steps": progress["step"]}
+
+
+def _evaluations(history: list[dict]) -> dict[int, float]:
+    return {record["step"]: record["eval"]["accuracy"] for record in history if record.get("eval")}
+
+
+def accuracy_section(nf4_run: dict, float_run: dict) -> tuple[dict, str]:
+    """Compare at every step both runs evaluated; the verdict uses the last such step (the best
+    epoch when both are finished)."""
+    shared = sorted(set(nf4_run["evaluations"]) & set(float_run["evaluations"]))
+    if not shared:
+        return {"nf4": nf4_run, "float32": float_run}, "no evaluation step measured by both runs yet"
+    both_complete = nf4_run["complete"] and float_run["complete"]
+    if both_complete:
+        gap = 100 * (float_run["best_accuracy"] - nf4_run["best_accuracy"])
+        basis = "the best evaluated epoch of each finished run"
+    else:
+        step = shared[-1]
+        gap = 100 * (float_run["evaluations"][step] - nf4_run["evaluations"][step])
+        basis = f"step {step} (the NF4 run is {'finished' if nf4_run['complete'] else 'still training'}: partial)"
+    passed = gap <= TARGET_ACCURACY_POINTS
+    table = ["| step | float32 base | NF4 base | difference |", "|---:|---:|---:|---:|"]
+    for step in shared:
+        a, b = float_run["evaluations"][step], nf4_run["evaluations"][step]
+        table.append(f"| {step} | {100 * a:.2f}% | {100 * b:.2f}% | {100 * (b - a):+.2f} points |")
+    if both_complete:
+        table.append(f"| best | {100 * float_run['best_accuracy']:.2f}% | {100 * nf4_run['best_accuracy']:.2f}% | "
+                     f"{-gap:+.2f} points |")
+    text = ("LoRA on minilm / sst2 with every default, validation accuracy (872 sentences) at each evaluation; "
+            f"commands: `{float_run['command']}` and `{nf4_run['command']}`:\n\n" + "\n".join(table)
+            + f"\n\n- {'PASS' if passed else 'FAIL'}: NF4 is {gap:.2f} points below float32 at {basis} "
+            f"(target: at most {TARGET_ACCURACY_POINTS} point)")
+    return {"nf4": nf4_run, "float32": float_run, "points_below_float32": gap, "basis": basis, "pass": passed}, text
 
 
 def measure_step_times(rounds: int, steps_per_round: int) -> dict[str, dict]:
@@ -146,12 +191,14 @@ def measure_step_times(rounds: int, steps_per_round: int) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nf4-run", default="/tmp/peftkit-quantize/sst2-nf4", help="run folder of the NF4 job (trained here if empty)")
+    parser.add_argument("--nf4-run", default="/tmp/peftkit-quantize/sst2-nf4", help="run folder of the NF4 job")
     parser.add_argument("--float-run", default="/tmp/peftkit-quantize/sst2-float32", help="run folder of the float32 job")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["memory", "accuracy", "steps"])
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--train-missing", action="store_true", help="train a run folder that holds no run")
+    parser.add_argument("--json", default=None, help="write the results here; sections skipped in this invocation "
+                        "are kept from the file when it has them (each section records when it was measured)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -175,18 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                     for m, t in results["memory_targets"].items()]
         sections.append("Base-weight memory (tensor bytes; blocks of 64 values):\n\n" + memory_table(rows) + "\n\n" + "\n".join(verdicts))
     if "accuracy" not in args.skip:
-        nf4_run = read_or_train(Path(args.nf4_run), "nf4")
-        float_run = read_or_train(Path(args.float_run), None)
-        gap = 100 * (float_run["validation_accuracy"] - nf4_run["validation_accuracy"])
-        results["accuracy"] = {"nf4": nf4_run, "float32": float_run, "points_below_float32": gap,
-                               "pass": gap <= TARGET_ACCURACY_POINTS}
-        table = ["| base | validation accuracy | training time | examples/s | peak RSS | command |", "|---|---:|---:|---:|---:|---|"]
-        for label, run in (("float32", float_run), ("NF4 + double quant", nf4_run)):
-            table.append(f"| {label} | {100 * run['validation_accuracy']:.2f}% | {run['train_time_s']:.0f} s | "
-                         f"{run['examples_per_second']:.1f} | {run['peak_rss_mb']:,.0f} MiB | `{run['command']}` |")
-        sections.append("LoRA on minilm / sst2, every default (best evaluated epoch, 872 validation sentences):\n\n"
-                        + "\n".join(table) + f"\n\n- {'PASS' if gap <= TARGET_ACCURACY_POINTS else 'FAIL'}: NF4 is "
-                        f"{gap:+.2f} points from float32 (target: at most {TARGET_ACCURACY_POINTS} point below)")
+        nf4_run = read_run(Path(args.nf4_run), "nf4", args.train_missing)
+        float_run = read_run(Path(args.float_run), None, args.train_missing)
+        if nf4_run is None or float_run is None:
+            raise SystemExit(f"no run measured in {args.nf4_run if nf4_run is None else args.float_run}; pass --train-missing")
+        results["accuracy"], text = accuracy_section(nf4_run, float_run)
+        sections.append(text)
     if "steps" not in args.skip:
         load_before = load_average()
         timing = measure_step_times(args.rounds, args.steps_per_round)
@@ -198,7 +239,20 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(f"LoRA training step, minilm, batch 32 x 64 tokens, r=8 on every linear layer; median of "
                         f"{args.rounds} interleaved rounds of {args.steps_per_round} steps; load average "
                         f"{load_before} before:\n\n" + "\n".join(table))
-    markdown = "\n\n".join(sections)
+    for name in ("memory", "accuracy", "step_time"):
+        if name in results:
+            results[name + "_measured"] = {"command": results["command"], "at": datetime.datetime.now().isoformat(timespec="minutes"),
+                                           "load_average_before": results["load_average_before"]}
+            results[name + "_markdown"] = sections.pop(0)
+    if args.json and Path(args.json).is_file():  # keep what this invocation did not measure
+        earlier = json.loads(Path(args.json).read_text())
+        for name in ("memory", "memory_targets", "accuracy", "step_time"):
+            if name not in results and name in earlier:
+                results[name] = earlier[name]
+                for suffix in ("_measured", "_markdown"):
+                    if name + suffix in earlier:
+                        results[name + suffix] = earlier[name + suffix]
+    markdown = "\n\n".join(results[n + "_markdown"] for n in ("memory", "accuracy", "step_time") if n + "_markdown" in results)
     results["markdown"] = markdown
     print(markdown)
     if args.json:
