@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -43,11 +42,11 @@ DEFAULT_TASKS = "sst2,trec,cr,mr"
 FULL_RANK = 10**9  # lowered to the largest layer's full rank by combine_adapters
 VARIANTS = [
     ("linear", "linear", 1.0, None),
-    ("linear (mean)", "linear", 0.25, None),
     ("ties", "ties", 1.0, None),
     ("dare_linear", "dare_linear", 1.0, None),
     ("dare_ties", "dare_ties", 1.0, None),
     ("magnitude_prune", "magnitude_prune", 1.0, None),
+    ("linear (mean)", "linear", 0.25, None),
     ("ties, full rank", "ties", 1.0, FULL_RANK),
     ("dare_ties, full rank", "dare_ties", 1.0, FULL_RANK),
 ]
@@ -117,6 +116,30 @@ def main() -> int:
         results["accuracy"][task]["own"] = accuracy(resolve_adapter_folder(runs / task), args.max_eval_examples)
         print(f"{task}: own adapter {100 * results['accuracy'][task]['own']:.2f}%", flush=True)
 
+    cotrain = Path(args.cotrain_dir)
+    cotrained = all((cotrain / t).exists() for t in tasks)
+
+    def save(columns: list[str], complete: bool) -> str:
+        table = markdown(results, columns, cotrained and complete, tasks)
+        if args.json:
+            command = "python benchmarks/interference.py " + " ".join(sys.argv[1:])
+            note = (f"Each cell: validation accuracy (%) and, in brackets, points against the task's own adapter. Merged "
+                    f"columns: the {len(tasks)} LoRA adapters (r=8 each) combined in delta space and factored back to LoRA "
+                    f"r={results['reconstruction'][columns[0]]['rank']} by truncated SVD ('full rank' columns: exact), "
+                    f"evaluated with the task's own head; weights 1 each (task arithmetic / TIES lambda = 1) except "
+                    f"'linear (mean)' (1/{len(tasks)} each); density {args.density} for TIES, DARE and pruning; DARE seed 0. "
+                    + ("" if cotrained else "Co-trained adapters: not run yet (no run folders in " + str(cotrain) + ").")
+                    + ("" if complete else " INCOMPLETE: the run was still going when this was written."))
+            write_results_json(args.json, {
+                "command": command, "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "markdown": table, "note": note, "complete": complete, "tasks": tasks, "runs_dir": str(runs),
+                "cotrain_dir": str(cotrain), "cotrained_present": cotrained, "density": args.density, **results,
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
+                            "load_average_at_end": load_average()},
+                "wall_time_s": time.perf_counter() - started,
+            })
+        return table
+
     columns = []
     for column, method, weight, rank in VARIANTS:
         density = args.density if method != "linear" else None
@@ -132,34 +155,17 @@ def main() -> int:
                 shutil.rmtree(folder)
             save_combined(combined.with_head(index), folder)
             results["accuracy"][task][column] = accuracy(folder, args.max_eval_examples)
+            if rank == FULL_RANK:
+                shutil.rmtree(folder)  # r=384 on every layer: ~60 MB a folder, not worth keeping
         columns.append(column)
         print(f"{column}: " + ", ".join(f"{t} {100 * results['accuracy'][t][column]:.2f}%" for t in tasks)
               + f"; SVD error {combined.overall_relative_error:.3f}", flush=True)
+        save(columns, complete=False)
 
-    cotrain = Path(args.cotrain_dir)
-    cotrained = all((cotrain / t).exists() for t in tasks)
     for task in tasks:
         results["accuracy"][task]["co-trained"] = (
             accuracy(resolve_adapter_folder(cotrain / task), args.max_eval_examples) if cotrained else None)
-    table = markdown(results, columns, cotrained, tasks)
-    print(table)
-    if args.json:
-        command = "python benchmarks/interference.py " + " ".join(sys.argv[1:])
-        note = (f"Each cell: validation accuracy (%) and, in brackets, points against the task's own adapter. Merged "
-                f"columns: the four LoRA adapters (r=8 each) combined in delta space and factored back to LoRA "
-                f"r={results['reconstruction'][columns[0]]['rank']} by truncated SVD ('full rank' columns: r="
-                f"{results['reconstruction'][columns[-1]]['rank']}, exact), evaluated with the task's own head; "
-                f"weights 1 each (task arithmetic / TIES lambda = 1) except 'linear (mean)' (1/4 each); density "
-                f"{args.density} for TIES, DARE and pruning; DARE seed 0. "
-                + ("" if cotrained else "Co-trained adapters: not run yet (no run folders in " + str(cotrain) + ")."))
-        write_results_json(args.json, {
-            "command": command, "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "markdown": table, "note": note, "tasks": tasks, "runs_dir": str(runs), "cotrain_dir": str(cotrain),
-            "cotrained_present": cotrained, "density": args.density, **results,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
-                        "load_average_at_end": load_average()},
-            "wall_time_s": time.perf_counter() - started,
-        })
+    print(save(columns, complete=True))
     return 0
 
 

@@ -35,7 +35,6 @@ Run-time composition (no new adapter is written):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
