@@ -155,10 +155,9 @@ def _write_task(root: Path, name: str, train: int, validation: int | None) -> Pa
     return folder
 
 
-def _reference_adapter(model_folder, task_path, name, slot_names, seed, batches_in_order, training):
+def _reference_adapter(model_folder, name, slot_names, seed, batches_in_order, training):
     """The adapter trained alone: its co-training start copied into a PeftModel, then a plain loop with
     torch.optim.AdamW, the job's schedule and clip_grad_norm_ over the same batches in the same order."""
-    from peftkit.methods.lora import LoraConfig  # noqa: F401
     from peftkit.mixed import MixedLoraModel
     from peftkit.model import PeftModel
     from peftkit.train.data import PaddingCollator, tokenize_examples
@@ -214,9 +213,9 @@ def test_cotraining_equals_each_adapter_trained_alone(tiny_model_folder, tmp_pat
         for planned in plan_epoch(batches, padded, 3, epoch):
             for n, batch in planned.items():
                 order[n].append(batch)
-    for name, path in paths.items():
+    for name in paths:
         assert len(order[name]) == result.tasks[name].total_steps
-        reference = _reference_adapter(tiny_model_folder, path, name, paths, 3, order[name], {"lr": 5e-3, "folder": tmp_path})
+        reference = _reference_adapter(tiny_model_folder, name, paths, 3, order[name], {"lr": 5e-3, "folder": tmp_path})
         reference.save_pretrained(tmp_path / f"alone-{name}")
         expected = io.read_tensors(tmp_path / f"alone-{name}" / io.WEIGHTS_NAME)
         saved = io.read_tensors(run / name / io.WEIGHTS_NAME)

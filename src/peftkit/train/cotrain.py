@@ -504,7 +504,8 @@ class _Cotrainer:
                     padded_tokens += tokens
                 finishing = [n for n in batches if self.states[n].steps >= self._task(n).total_steps]
                 if bar is not None:
-                    bar.set_postfix(loss=" ".join(f"{n}:{self._recent_loss(n):.3f}" for n in self.names if self.states[n].training),
+                    bar.set_postfix(loss=" ".join(f"{n}:{self._recent_loss(n):.3f}" for n in self.names
+                                                  if self.states[n].training and self.states[n].window_steps),
                                     ex_s=f"{rows_seen / max(train_time, 1e-9):.0f}", refresh=False)
                     bar.update(1)
                 evaluate_all = self.pass_in_epoch in evaluation_points
