@@ -27,7 +27,7 @@ TITLES = {
     "methods_step_time": "Every method's training step: peftkit, Hugging Face peft, full fine-tuning",
     "sft_step_time": "Supervised fine-tuning step on smollm2: peftkit LoRA, Hugging Face peft, full fine-tuning, gradient checkpointing",
     "generation": "Decoding speed on smollm2: base model, LoRA merged and unmerged (peftkit, Hugging Face peft)",
-    "interference": "Interference: sst2, trec, cr and mr adapters merged (each method), against each task's own adapter",
+    "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
 }
 
