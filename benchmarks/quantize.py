@@ -56,7 +56,7 @@ TARGET_ACCURACY_POINTS = 1.0
 
 
 def mib(count: int) -> str:
-    return f"{count / 2**20:,.1f} MiB"
+    return f"{count / 2**20:,.1f} MiB" if count >= 2**20 / 10 else f"{count / 2**10:,.1f} KiB"
 
 
 def measure_memory() -> list[dict]:
@@ -74,8 +74,8 @@ def measure_memory() -> list[dict]:
             model = copy.deepcopy(original)
             report = quantize_model(model, **(settings or FORMATS["nf4"]), task_type=task_type)
             sizes = base_weight_bytes(model)
-            if settings is None:  # the float32 row: the same layers, as they were
-                layers_bytes, sizes = report.float_bytes, base_weight_bytes(original)
+            if settings is None:  # the float32 row: the same layers and the whole model as they were
+                layers_bytes, sizes["whole_model"] = report.float_bytes, base_weight_bytes(original)["whole_model"]
             else:
                 layers_bytes = report.quantized_bytes
             row = {"model": model_name, "format": label, "quantized_layers": len(report.quantized),
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["memory", "accuracy", "steps"])
+    parser.add_argument("--keep", action="append", default=[], metavar="JSON",
+                        help="also keep the sections of this earlier results file that this invocation skips")
     parser.add_argument("--train-missing", action="store_true", help="train a run folder that holds no run")
     parser.add_argument("--json", default=None, help="write the results here; sections skipped in this invocation "
                         "are kept from the file when it has them (each section records when it was measured)")
@@ -244,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name + "_measured"] = {"command": results["command"], "at": datetime.datetime.now().isoformat(timespec="minutes"),
                                            "load_average_before": results["load_average_before"]}
             results[name + "_markdown"] = sections.pop(0)
-    if args.json and Path(args.json).is_file():  # keep what this invocation did not measure
-        earlier = json.loads(Path(args.json).read_text())
+    earlier_files = [Path(p) for p in args.keep] + ([Path(args.json)] if args.json and Path(args.json).is_file() else [])
+    for earlier_file in earlier_files:  # keep what this invocation did not measure
+        earlier = json.loads(earlier_file.read_text())
         for name in ("memory", "memory_targets", "accuracy", "step_time"):
             if name not in results and name in earlier:
                 results[name] = earlier[name]
