@@ -61,6 +61,20 @@ def timing_from_log(log: Path) -> dict | None:
     return {"wall_s": wall, "cpu_s": float(user.group(1)) + float(system.group(1)), "source": f"/usr/bin/time -v in {log}"}
 
 
+def training_in(folder: Path) -> bool:
+    """Whether a running process (Linux /proc) has `--output-dir folder` on its command line."""
+    wanted = [str(folder), str(folder.resolve())]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for i, word in enumerate(words[:-1]):
+            if word == b"--output-dir" and words[i + 1].decode(errors="replace").rstrip("/") in wanted:
+                return True
+    return False
+
+
 def measured(command: list[str], log: Path) -> dict:
     """Run `command` here: wall time, CPU time of the child, load average around it."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -215,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     for task in TASKS:
         run = root / task
         if not (run / "job.json").is_file():
+            # Never start a second run in a folder another process is training in, nor overwrite its log.
+            log = root / f"{task}.log"
+            if training_in(run):
+                raise SystemExit(f"a peftkit process is training the separate {task} run in {run}; wait for it to finish, "
+                                 "then run this again")
             root.mkdir(parents=True, exist_ok=True)
-            timing = measured(separate_command(task, root), root / f"{task}.log")
+            resume = (run / "checkpoints").is_dir()
+            if log.exists():
+                log = root / f"{task}-benchmark-{int(time.time())}.log"
+            timing = measured(separate_command(task, root) + (["--resume"] if resume else []), log)
         else:
             job = json.loads((run / "job.json").read_text())
             timing = timing_from_log(root / f"{task}.log") or {
@@ -227,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                           "command": " ".join(["peftkit"] + separate_command(task, root)[len(peftkit_command()):]), **timing}
 
     cotrain_parts = []
+    if not cotrain_complete(folder) and training_in(folder):
+        raise SystemExit(f"a peftkit process is co-training in {folder}; wait for it to finish, then run this again")
     if not cotrain_complete(folder):
         resume = (folder / "checkpoint" / "state.json").is_file()
         folder.parent.mkdir(parents=True, exist_ok=True)
