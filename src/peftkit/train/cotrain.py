@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from peftkit import io, zoo
@@ -419,6 +420,7 @@ def cotrain_classifiers(
             raise PeftkitError(f"task {spec!r} has no training examples")
     max_labels = max(len(d.label_names) for d in loaded)
     base, tokenizer = zoo.load_classifier(model, num_labels=2, seed=seed)
+    base.to(PartialState().device)  # the accelerator Accelerate would pick (CPU here; the GPU path is untested)
     head = next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Linear)), None)
     if head is None:
         raise PeftkitError(f"{type(base).__name__} has no linear classification head ({' or '.join(CLASSIFIER_HEAD_NAMES)}); "
