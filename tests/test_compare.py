@@ -201,3 +201,18 @@ def test_time_budget_stops_after_the_step_that_crosses_it_then_evaluates_and_sav
     assert untimed.steps == 3 and not untimed.stopped_by_time_limit
     with pytest.raises(PeftkitError, match="max_time_s must be > 0"):
         TrainingArguments(output_dir="x", max_time_s=0).validate()
+
+
+def test_run_measured_logs_and_echoes_the_child_output(tmp_path, capfd):
+    import sys
+
+    from peftkit.bench.compare import run_measured
+
+    script = "import sys; sys.stderr.write('step 1\\rstep 2\\n'); print('done'); raise SystemExit(3)"
+    wall, peak_mib, code = run_measured([sys.executable, "-c", script], tmp_path / "child.log", echo=True)
+    assert code == 3 and wall > 0 and peak_mib > 1
+    assert (tmp_path / "child.log").read_bytes() == b"step 1\rstep 2\ndone\n"  # bar redraws kept as they came
+    echoed = capfd.readouterr().err
+    assert "step 1" in echoed and "step 2" in echoed and "done" in echoed
+    _, _, code = run_measured([sys.executable, "-c", "print('quiet')"], tmp_path / "quiet.log")
+    assert code == 0 and (tmp_path / "quiet.log").read_text() == "quiet\n" and capfd.readouterr().err == ""

@@ -269,8 +269,13 @@ def _base_row(method: str, status: str, reason: str | None, seed: int, budget: B
 
 
 def run_method(method: str, *, model: str, task: str, run_dir: Path, budget: Budget, seed: int = 0,
-               train_args: Sequence[str] = (), progress: bool = False, context: dict | None = None) -> dict[str, Any]:
-    """Train one method as a `peftkit train` child (or keep its finished row); return its row."""
+               train_args: Sequence[str] = (), progress: bool = False, echo: bool = False,
+               context: dict | None = None) -> dict[str, Any]:
+    """Train one method as a `peftkit train` child (or keep its finished row); return its row.
+
+    The child's output goes to `<run_dir>.log`, with its progress bar when `progress`; `echo` also
+    shows it on our stderr as it comes.
+    """
     context = context if context is not None else measurement_context()
     arguments = train_command(method, model, task, run_dir, budget, seed, train_args)
     command_text = shlex.join(["peftkit", *arguments])
@@ -289,7 +294,7 @@ def run_method(method: str, *, model: str, task: str, run_dir: Path, budget: Bud
     launched = peftkit_command() + arguments + ([] if progress else ["--no-progress"])
     load_before = _load_average()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    wall, peak_mib, exit_code = run_measured(launched, log_path, echo=progress)
+    wall, peak_mib, exit_code = run_measured(launched, log_path, echo=echo)
     row = _base_row(method, "ok", None, seed, budget, context)
     row.update(measured_at=started_at, command=command_text, run_dir=str(run_dir), log=str(log_path),
                exit_code=exit_code, wall_time_s=wall, peak_rss_mib=peak_mib, load_average_before=load_before,
@@ -332,7 +337,7 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 
 def compare(model: str, task: str, methods: Sequence[str], output_dir: str | os.PathLike, *,
             budget: Budget = Budget(), seed: int = 0, runs_dir: str | os.PathLike | None = None,
-            train_args: Sequence[str] = (), progress: bool = False, command: str | None = None,
+            train_args: Sequence[str] = (), progress: bool = False, echo: bool = False, command: str | None = None,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train each of `methods` on `model` / `task` under `budget`; write the reports; return the rows.
 
@@ -340,7 +345,8 @@ def compare(model: str, task: str, methods: Sequence[str], output_dir: str | os.
     every method the reports in `output_dir` are rewritten (results.md/.csv/.json, the plots,
     report.html), so an interrupted comparison keeps what it measured. `train_args` are further
     `peftkit train` options given to every run (e.g. ["--max-train-examples", "2000"]); `command`
-    is the command line to record in the reports.
+    is the command line to record in the reports. `progress`: the runs' progress bars, in their
+    logs and, with `echo`, on stderr.
     """
     from peftkit import zoo
     from peftkit.bench.report import write_reports
@@ -364,10 +370,10 @@ def compare(model: str, task: str, methods: Sequence[str], output_dir: str | os.
         if reason is not None:
             row = _base_row(method, "skipped", reason, seed, budget, context)
         else:
-            if progress:
+            if echo:
                 log(f"{prefix}: training ({budget.describe(method)})")
             row = run_method(method, model=model, task=task, run_dir=runs / method, budget=budget, seed=seed,
-                             train_args=train_args, progress=progress, context=context)
+                             train_args=train_args, progress=progress, echo=echo, context=context)
         rows.append(row)
         log(f"{prefix}: {_status_line(row)}")
         write_reports(rows, settings, output_dir)
@@ -427,7 +433,8 @@ def add_compare_parser(commands) -> None:
     parser.add_argument("--runs-dir", default=None, help="where the training runs go (default: OUTPUT_DIR/runs)")
     parser.add_argument("--train-args", default="", metavar="'OPTIONS'",
                         help="more `peftkit train` options for every run, in quotes, e.g. '--max-train-examples 2000 --batch-size 16'")
-    parser.add_argument("--no-progress", action="store_true", help="no training progress bars (only a line per method)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no training progress bars, on the terminal or in the runs' logs (only a line per method)")
     parser.set_defaults(handler=run_compare)
 
 
@@ -450,12 +457,13 @@ def run_compare(args) -> int:
                *budget.train_arguments(), *(["--seed", str(args.seed)] if args.seed else []), "--output-dir", str(output_dir),
                *(["--runs-dir", args.runs_dir] if args.runs_dir else []),
                *(["--train-args", args.train_args] if train_args else [])]
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress  # a bar in each run's log; on the terminal too when there is one
     print(f"peftkit compare: {args.methods} on {args.model} / {args.task}, budget {budget.describe()} -> {output_dir}",
           flush=True)
     try:
         rows = compare(args.model, args.task, parse_methods(args.methods), output_dir, budget=budget, seed=args.seed,
-                       runs_dir=args.runs_dir, train_args=train_args, progress=progress, command=shlex.join(command),
+                       runs_dir=args.runs_dir, train_args=train_args, progress=progress, echo=progress and sys.stderr.isatty(),
+                       command=shlex.join(command),
                        log=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print(f"peftkit compare: interrupted; the reports in {output_dir} hold the runs that finished. Run the same "
