@@ -26,7 +26,7 @@ Before timing, each mixed variant's output is checked against the per-example re
 classify logits of each example alone with its adapter in PeftModel, largest difference reported; the
 generated tokens of peftkit-distinct and peft-distinct must match mixed-distinct's).
 
-One process builds every variant; one warm-up call each; then interleaved rounds (each round runs every
+One process builds every variant; the check call of each is its warm-up; then interleaved rounds (each round runs every
 variant once, back to back), so machine load hits them alike. Figures are medians over rounds; each
 ratio is the median of the per-round ratios. Targets (issue 5): mixed-distinct >= 0.9x single (classify)
 and >= 0.7x single (generate), both against peftkit-single; mixed-distinct >= 1.3x peft-distinct
@@ -36,6 +36,8 @@ and >= 0.7x single (generate), both against peftkit-single; mixed-distinct >= 1.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import statistics
 import sys
@@ -81,8 +83,19 @@ def make_adapters(model, config, count: int, root: Path, seed: int) -> dict[str,
     return folders
 
 
+def shared_copies(base):
+    """A function returning copies of `base` whose modules are new but whose (frozen) weights are `base`'s own,
+    so six variants of smollm2 fit in memory beside the adapters."""
+    tensors = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return lambda: copy.deepcopy(base, memo=dict(tensors))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def build_variants(load_base, folders: dict[str, str], variants: list[str]) -> dict:
-    """{variant: (model, call kwargs maker)}; every variant has its own copy of the base model."""
+    """{variant: model}; every variant has its own modules around the same frozen base weights."""
     import peft
 
     import peftkit
@@ -109,6 +122,7 @@ def build_variants(load_base, folders: dict[str, str], variants: list[str]) -> d
         else:
             raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         built[variant] = model.eval()
+        log(f"built {variant}")
     return built
 
 
@@ -124,15 +138,15 @@ def selection(variant: str, model, row_names: list[str]) -> dict:
 
 
 def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one per round, every variant back to back in each round."""
-    for call in calls.values():
-        call()  # warm-up
+    """Seconds per call of each variant, one per round, every variant back to back in each round
+    (the callers' check runs have warmed every variant up)."""
     times = {variant: [] for variant in calls}
     for _ in range(rounds):
         for variant, call in calls.items():
             started = time.perf_counter()
             call()
             times[variant].append(time.perf_counter() - started)
+        log(f"round done: " + ", ".join(f"{v} {t[-1]:.1f}s" for v, t in times.items()))
     return times
 
 
@@ -163,7 +177,8 @@ def run_classify(args, root: Path, variants: list[str]) -> dict:
 
     config = peftkit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     folders = make_adapters(load_base(), config, args.adapters, root / "classify", seed=1)
-    models = build_variants(load_base, folders, variants)
+    log(f"saved {len(folders)} adapters")
+    models = build_variants(shared_copies(load_base()), folders, variants)
     generator = torch.Generator().manual_seed(2)
     input_ids = torch.randint(1000, 20000, (args.batch, args.seq_len), generator=generator)
     order = torch.randperm(args.batch, generator=generator).tolist()
@@ -181,12 +196,12 @@ def run_classify(args, root: Path, variants: list[str]) -> dict:
             if not reference:  # each example alone with its adapter, for the first few rows
                 for row in range(min(4, args.batch)):
                     alone = peftkit.PeftModel.from_pretrained(load_base(), folders[row_names[row]]).eval()
-                    reference[row_names[row]] = alone(input_ids=input_ids[row:row + 1]).logits
+                    reference[row] = alone(input_ids=input_ids[row:row + 1]).logits
                     del alone
                 if single is not None:
                     reference["single"] = single(input_ids=input_ids, attention_mask=attention_mask).logits
             if rows is row_names:
-                difference = max(float((logits[row] - reference[row_names[row]][0]).abs().max()) for row in range(min(4, args.batch)))
+                difference = max(float((logits[row] - reference[row][0]).abs().max()) for row in range(min(4, args.batch)))
             else:
                 difference = float((logits - reference["single"]).abs().max()) if "single" in reference else float("nan")
             checks[variant] = difference
@@ -211,7 +226,8 @@ def run_generate(args, root: Path, variants: list[str]) -> dict:
 
     config = peftkit.LoraConfig(r=args.gen_rank, lora_alpha=2 * args.gen_rank, target_modules=GEN_TARGETS, task_type="CAUSAL_LM")
     folders = make_adapters(load_base(), config, args.gen_adapters, root / "generate", seed=3)
-    models = build_variants(load_base, folders, variants)
+    log(f"saved {len(folders)} adapters")
+    models = build_variants(shared_copies(load_base()), folders, variants)
     prompts = make_prompts(tokenizer, args.gen_batch, args.prompt_len)
     names = list(folders)
     order = torch.randperm(args.gen_batch, generator=torch.Generator().manual_seed(4)).tolist()
@@ -226,7 +242,10 @@ def run_generate(args, root: Path, variants: list[str]) -> dict:
 
     checks = {}
     with torch.inference_mode():
-        tokens = {v: generate(v, m) for v, m in models.items()}
+        tokens = {}
+        for variant, model in models.items():
+            tokens[variant] = generate(variant, model)
+            log(f"checked {variant}")
         if "mixed-distinct" in tokens:
             for variant in ("peftkit-distinct", "peft-distinct"):
                 if variant in tokens:
@@ -273,21 +292,26 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
-    payload = {"command": "python " + " ".join(sys.argv), "load_average_before": load_average(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "parts": {}}
+    command = "python " + " ".join(sys.argv)
+    # Parts are written as they finish; parts run by an earlier command stay in the file with their own command.
+    payload = {"parts": {}}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as handle:
+            payload = json.load(handle)
     with tempfile.TemporaryDirectory(prefix="mixed-batch-") as temporary:
         for part in [p for p in args.parts.split(",") if p]:
             run = {"classify": run_classify, "generate": run_generate}[part]
+            before = load_average()
             started = time.perf_counter()
             result = run(args, Path(temporary), variants)
-            result["seconds"] = time.perf_counter() - started
+            result.update(seconds=time.perf_counter() - started, command=command, threads=torch.get_num_threads(),
+                          torch=torch.__version__, load_average_before=before, load_average_after=load_average(),
+                          settings=vars(args))
             payload["parts"][part] = result
             print(f"\n### {part}\n\n{markdown(part, result)}\n", flush=True)
             print({k: v for k, v in result.items() if k in ("checks", "max_abs_logit_difference_vs_alone")}, flush=True)
-    payload["load_average_after"] = load_average()
-    if args.json:
-        payload["settings"] = vars(args)
-        write_results_json(args.json, payload)
+            if args.json:
+                write_results_json(args.json, payload)
     return 0
 
 
