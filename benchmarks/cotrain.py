@@ -1,11 +1,16 @@
 """Co-training four tasks in one run against four separate runs: LoRA on minilm, sst2 + trec + cr + mr.
 
-    python benchmarks/cotrain.py --json benchmarks/results/cotrain.json
+    python benchmarks/cotrain.py --json benchmarks/results/cotrain.json        # the runs in /work/bench-*
+    python benchmarks/cotrain.py --separate-root /work/bench-cotrain-quiet/tasks \
+        --cotrain-dir /work/bench-cotrain-quiet/cotrain --json benchmarks/results/cotrain.json   # all five, here
+    python benchmarks/cotrain.py --pass-times 16                                # passes only, interleaved
 
 The co-trained run is `peftkit train --method lora --model minilm --task sst2,trec,cr,mr --seed 0
 --output-dir /work/bench-cotrain`; the separate runs are `peftkit train --method lora --model minilm --task T
 --output-dir /work/bench-tasks/T --no-progress --seed 0`, one per task. Runs already in those folders are
-read, not repeated (a co-training run cut short is continued with --resume); missing ones are run here.
+read, not repeated (a co-training run cut short is continued with --resume); missing ones are run here,
+one after the other (on a quiet 2-core machine the five take about 25 minutes). Training on CPU is
+deterministic, so load changes the times but not the accuracies.
 
 Accuracy: each task's validation split, at the best evaluated epoch (the adapter each run keeps), and the
 co-trained adapters are scored once more with `peftkit eval`'s code (`evaluate_run`) from their folders.
