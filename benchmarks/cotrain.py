@@ -9,8 +9,8 @@ The co-trained run is `peftkit train --method lora --model minilm --task sst2,tr
 --output-dir /work/bench-cotrain`; the separate runs are `peftkit train --method lora --model minilm --task T
 --output-dir /work/bench-tasks/T --no-progress --seed 0`, one per task. Runs already in those folders are
 read, not repeated (a co-training run cut short is continued with --resume); missing ones are run here,
-one after the other (on a quiet 2-core machine the five take about 25 minutes). Training on CPU is
-deterministic, so load changes the times but not the accuracies.
+one after the other (on a quiet 2-core machine, an estimated 25 minutes for the five). Training on CPU is
+deterministic given the seed and thread count, so load changes the times but not the accuracies.
 
 Accuracy: each task's validation split, at the best evaluated epoch (the adapter each run keeps), and the
 co-trained adapters are scored once more with `peftkit eval`'s code (`evaluate_run`) from their folders.
