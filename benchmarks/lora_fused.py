@@ -35,6 +35,8 @@ matrix products of a trained one).
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import statistics
 import sys
 import time
@@ -229,17 +231,23 @@ def main() -> None:
               "non-parameter storages saved for backward in one step (saved_tensors_hooks).")
     print(header, flush=True)
     command = "python benchmarks/lora_fused.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    # Cases of other (model, dropout) pairs already in the JSON file are kept, each with its own command.
+    kept = json.loads(Path(args.json).read_text())["cases"] if args.json and Path(args.json).exists() else []
     cases = []
     for model in models:
         for dropout in dropouts:
-            cases.append(run_case(model, dropout, args))
-            markdown = "\n\n".join([header, *(case_markdown(c) for c in cases)])
+            case = run_case(model, dropout, args)
+            cases.append({**case, "command": command, "measured_at": time.strftime("%Y-%m-%d %H:%M"), "header": header})
+            gc.collect()  # the four models of this case go before the next case loads its own
             if args.json:  # after every case, so a long run keeps what it measured
+                new_keys = {(c["model"], c["dropout"]) for c in cases}
+                all_cases = [c for c in kept if (c["model"], c["dropout"]) not in new_keys] + cases
+                all_cases.sort(key=lambda c: (list(SHAPES).index(c["model"]), c["dropout"]))
                 write_results_json(args.json, {
-                    "command": command, "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-                    "complete": len(cases) == len(models) * len(dropouts),
-                    "settings": {k: v for k, v in vars(args).items() if k != "json"}, "markdown": markdown, "cases": cases})
-    print("\n" + markdown)
+                    "markdown": "\n\n".join(f"{c['header']}\n\n{case_markdown(c)}\n\n(`{c['command']}`, {c['measured_at']})"
+                                            for c in all_cases),
+                    "cases": all_cases})
+    print("\n" + "\n\n".join([header, *(case_markdown(c) for c in cases)]))
 
 
 if __name__ == "__main__":
