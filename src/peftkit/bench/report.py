@@ -182,7 +182,13 @@ def how_measured(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> li
         lines.append(f"Measured on{which}: {describe_context(context)}.")
     dates = sorted(row["measured_at"] for row in rows if row.get("measured_at"))
     if dates:
-        lines.append(f"Runs started between {dates[0]} and {dates[-1]}; the machine's load average before each run is in results.csv.")
+        lines.append(f"Runs started between {dates[0]} and {dates[-1]}.")
+    loads = [float(row["load_average_before"].split()[0]) for row in rows if row.get("load_average_before")]
+    cores = max(((row.get("context") or {}).get("cores") or 0 for row in rows), default=0)
+    if loads:
+        # Time per step and wall time are only comparable between runs on an equally quiet machine.
+        busy = f" (busy: more runnable processes than {cores} cores, so times include waiting for a core)" if cores and max(loads) > cores else ""
+        lines.append(f"Load average (1 min) before the runs: {min(loads):.1f} to {max(loads):.1f}{busy}; each run's is in results.csv.")
     return lines
 
 
@@ -202,7 +208,7 @@ def _markdown_cell(text: str) -> str:
 
 def markdown_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any], plot: str | None = None) -> str:
     """The command, the table, how it was measured and (given its path) the summary figure: for a README."""
-    parts = [f"`{settings['command']}`", "", markdown_table(rows), "", *how_measured(rows, settings)]
+    parts = [f"`{settings['command']}`", "", markdown_table(rows), "", "\n\n".join(how_measured(rows, settings))]
     if plot:
         parts += ["", f"![accuracy against trainable share, peak memory, time per step and adapter size per method]({plot})"]
     return "\n".join(parts) + "\n"
@@ -256,11 +262,13 @@ def _draw_accuracy(axes, rows, metric: str) -> None:
         full = row["method"] == "full"
         axes.scatter([x], [y], marker="*" if full else "o", s=120 if full else 40,
                      color="#7f7f7f" if full else "#1f77b4", zorder=3)
-        axes.annotate(row["method"] + (" (full FT)" if full else ""), (x, y), fontsize=8, xytext=(4, 4),
-                      textcoords="offset points")
+        # The full fine-tuning label sits left of its point, at the right edge of the plot.
+        axes.annotate("full fine-tuning" if full else row["method"], (x, y), fontsize=8, xytext=(-6 if full else 4, 4),
+                      textcoords="offset points", ha="right" if full else "left")
         if full:
             axes.axhline(y, color="#7f7f7f", linestyle="--", linewidth=1, zorder=1)
     axes.set_xscale("log")
+    axes.margins(x=0.08, y=0.1)
     axes.set_xlabel("trainable parameters (% of the model, log scale)")
     axes.set_ylabel(f"{metric} (%)")
     axes.set_title(f"{metric[0].upper()}{metric[1:]} against trainable share", fontsize=10)
