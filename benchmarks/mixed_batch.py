@@ -294,10 +294,6 @@ def main() -> int:
     variants = [v for v in args.variants.split(",") if v]
     command = "python " + " ".join(sys.argv)
     # Parts are written as they finish; parts run by an earlier command stay in the file with their own command.
-    payload = {"parts": {}}
-    if args.json and os.path.exists(args.json):
-        with open(args.json) as handle:
-            payload = json.load(handle)
     with tempfile.TemporaryDirectory(prefix="mixed-batch-") as temporary:
         for part in [p for p in args.parts.split(",") if p]:
             run = {"classify": run_classify, "generate": run_generate}[part]
@@ -307,10 +303,14 @@ def main() -> int:
             result.update(seconds=time.perf_counter() - started, command=command, threads=torch.get_num_threads(),
                           torch=torch.__version__, load_average_before=before, load_average_after=load_average(),
                           settings=vars(args))
-            payload["parts"][part] = result
             print(f"\n### {part}\n\n{markdown(part, result)}\n", flush=True)
             print({k: v for k, v in result.items() if k in ("checks", "max_abs_logit_difference_vs_alone")}, flush=True)
-            if args.json:
+            if args.json:  # read again just before writing: another part may have finished meanwhile
+                payload = {"parts": {}}
+                if os.path.exists(args.json):
+                    with open(args.json) as handle:
+                        payload = json.load(handle)
+                payload["parts"][part] = result
                 write_results_json(args.json, payload)
     return 0
 
