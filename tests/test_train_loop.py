@@ -109,9 +109,12 @@ def test_training_learns_and_reports(tmp_path):
         "global_batch_size",
         "resumed_from",
         "output_dir",
+        "median_step_time_s",
+        "stopped_by_time_limit",
     }
     assert set(metrics) == expected_keys
     assert metrics["examples_seen"] == 4 * 200 and metrics["peak_rss_mb"] > 10
+    assert metrics["median_step_time_s"] > 0 and metrics["stopped_by_time_limit"] is False
     assert metrics["best_eval"] == result.best_eval
 
     # The model ends with the best weights, which best/ also holds.
