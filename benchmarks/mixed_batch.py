@@ -271,6 +271,23 @@ def markdown(part: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+PART_TITLES = {
+    "classify": "minilm, batch 64 x 64 tokens, 64 distinct LoRA adapters (r=8, all linear layers), one per example; inference",
+    "generate": "smollm2, 64 sequences decoding together, each with its own LoRA adapter (r=16, attention and MLP projections); greedy",
+}
+
+
+def readme_fields(parts: dict) -> dict:
+    """The "markdown" and "command" the README's results section shows, assembled from every part measured."""
+    sections = []
+    for part, result in parts.items():
+        load = result.get("load_average_before", "?")
+        sections.append(f"**{PART_TITLES.get(part, part)}** (`{result['command']}`; {result['threads']} thread(s), "
+                        f"load average before {load})\n\n{markdown(part, result)}")
+    commands = sorted({result["command"] for result in parts.values()})
+    return {"markdown": "\n\n".join(sections), "command": " ; ".join(commands)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="classify,generate")
@@ -311,6 +328,7 @@ def main() -> int:
                     with open(args.json) as handle:
                         payload = json.load(handle)
                 payload["parts"][part] = result
+                payload.update(readme_fields(payload["parts"]))
                 write_results_json(args.json, payload)
     return 0
 

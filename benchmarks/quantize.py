@@ -153,8 +153,8 @@ def accuracy_section(nf4_run: dict, float_run: dict) -> tuple[dict, str]:
                      f"{-gap:+.2f} points |")
     text = ("LoRA on minilm / sst2 with every default, validation accuracy (872 sentences) at each evaluation; "
             f"commands: `{float_run['command']}` and `{nf4_run['command']}`:\n\n" + "\n".join(table)
-            + f"\n\n- {'PASS' if passed else 'FAIL'}: NF4 is {gap:.2f} points below float32 at {basis} "
-            f"(target: at most {TARGET_ACCURACY_POINTS} point)")
+            + f"\n\n- {'PASS' if passed else 'FAIL'}: NF4 is {abs(gap):.2f} points {'below' if gap > 0 else 'above'} "
+            f"float32 at {basis} (target: at most {TARGET_ACCURACY_POINTS} point below)")
     return {"nf4": nf4_run, "float32": float_run, "points_below_float32": gap, "basis": basis, "pass": passed}, text
 
 

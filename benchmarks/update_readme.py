@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
-         "generation"]
+         "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "interference", "serve_load"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
@@ -27,6 +27,10 @@ TITLES = {
     "methods_step_time": "Every method's training step: peftkit, Hugging Face peft, full fine-tuning",
     "sft_step_time": "Supervised fine-tuning step on smollm2: peftkit LoRA, Hugging Face peft, full fine-tuning, gradient checkpointing",
     "generation": "Decoding speed on smollm2: base model, LoRA merged and unmerged (peftkit, Hugging Face peft)",
+    "quantize": "A quantized frozen base: base-weight memory, sst2 accuracy of LoRA on NF4 against float32, step time",
+    "lora_fused": "Fused LoRA training step: peftkit fused and unfused, Hugging Face peft, full fine-tuning; activation memory",
+    "mixed_batch": "Mixed-adapter batches: every example with its own adapter, against one adapter and against peft's adapter_names",
+    "cotrain": "Co-training sst2 + trec + cr + mr in mixed batches, against four separate runs",
     "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
 }
