@@ -147,3 +147,19 @@ def test_bitfit_freeze_and_lora_save_load_round_trip(tmp_path, input_ids):
             torch.testing.assert_close(again(input_ids=input_ids).logits, expected)
             merged = again.merge_and_unload()
             torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    # mkstemp makes 0600 files; a saved adapter or report must be readable like any file the user writes.
+    import os
+
+    from peftkit import io
+
+    previous = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "a.json", {"x": 1})
+        with open(tmp_path / "plain.json", "w") as handle:
+            handle.write("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644

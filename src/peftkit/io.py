@@ -34,11 +34,19 @@ def atomic_path(path: str | os.PathLike):
     os.close(handle)
     try:
         yield temporary
+        # mkstemp creates the file 0600; give the result the permissions a plain open() would (0666 minus umask).
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:
