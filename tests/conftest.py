@@ -122,3 +122,20 @@ class ConvNet(torch.nn.Module):
     def forward(self, image, label_ids):
         features = self.norm(self.conv(image)).mean(dim=(2, 3))
         return self.head(features + self.embed(label_ids))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    """A 32-wide, 2-layer BERT with minilm's tokenizer, saved as a local Hugging Face folder (CLI-level tests)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftkit import zoo
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -23,21 +23,6 @@ def peftkit(*args, cwd=None, check=True):
     return result
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    """A small BERT with minilm's tokenizer, saved as a local Hugging Face folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_no_arguments_prints_help_and_fails():
     result = peftkit(check=False)
     assert result.returncode == 2

@@ -26,21 +26,6 @@ pytestmark = pytest.mark.skipif("minilm" not in zoo.list_models(), reason="the t
 
 
 @pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    """A 32-wide, 2-layer BERT with minilm's tokenizer, saved as a local Hugging Face folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_task(tmp_path_factory):
     """A user task folder: train.jsonl and validation.jsonl."""
     folder = tmp_path_factory.mktemp("task")

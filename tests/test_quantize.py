@@ -308,22 +308,6 @@ def test_methods_that_train_the_base_weights_are_refused_with_quantize():
         train_classifier("minilm", "sst2", "lora", "unused", quantize="nf2")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from peftkit import zoo
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _peftkit(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "peftkit.cli", *map(str, args)], capture_output=True, text=True,
                             timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
