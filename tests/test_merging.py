@@ -276,6 +276,9 @@ def test_runs_with_different_heads_combine_and_the_chosen_head_is_attached(tiny_
     without_head = combine_adapters([first, second], method="linear")
     assert without_head.config.modules_to_save is None and without_head.config.task_type is None
     assert not any("classifier" in key for key in without_head.tensors)
+    save_combined(without_head, tmp_path / "headless")
+    with pytest.raises(PeftkitError, match="without a classification head.*--head N"):
+        load_run(tmp_path / "headless")
 
 
 def test_combine_command_writes_the_adapter_and_prints_the_error(tiny_model_folder, tmp_path, capsys):

@@ -325,6 +325,25 @@ def test_peftmodel_adapter_names_equals_each_example_alone_and_peft(bert_folders
     assert not torch.allclose(changed[0], logits[0]) and torch.equal(changed[1:4], logits[1:4])
 
 
+def test_peftmodel_adapter_names_from_several_threads_take_turns(bert_folders):
+    """Mixed calls install hooks on shared modules; threads running at once must not see each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours = _peft_model_with(tiny_bert, bert_folders)
+    batches = [["alpha", "beta"], ["gamma", BASE_ADAPTER], ["beta", "beta"], [BASE_ADAPTER, "alpha"]]
+    input_ids = torch.randint(2, 120, (2, 6), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = [ours(input_ids=input_ids, adapter_names=names).logits for names in batches]
+
+        def run(index):
+            return index % len(batches), ours(input_ids=input_ids, adapter_names=batches[index % len(batches)]).logits
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, range(32)))
+    for index, logits in results:
+        torch.testing.assert_close(logits, expected[index], rtol=0, atol=1e-6)
+
+
 def test_peftmodel_adapter_names_gradients_are_per_adapter_sums(bert_folders):
     ours = _peft_model_with(tiny_bert, bert_folders, is_trainable=True)
     ours.set_adapter(["alpha", "beta", "gamma"])  # all trainable

@@ -764,6 +764,11 @@ def _has_module(model: nn.Module, path: str) -> bool:
 
 # -- PeftModel(..., adapter_names=[...]) ----------------------------------------------------------------
 
+# The block below installs hooks on the shared modules, so two threads inside it at once would mix their
+# batches' adapters; calls with adapter_names therefore take turns (threads of one process, any model).
+_ADAPTER_NAMES_LOCK = threading.RLock()
+
+
 @contextmanager
 def running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[None]:
     """Inside this block, each example of a PeftModel's batch runs with its own named LoRA adapter.
@@ -774,7 +779,14 @@ def running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[
     a `modules_to_save` copy (a classification head) replaces the rows of its own adapter's examples.
     Without gradients the stacks are kept and reused while the adapters' weights are unchanged.
     Only plain LoRA on Linear / GPT-2 Conv1D (plus modules_to_save) can be mixed, as in peft.
+    Calls from several threads take turns (a lock); a plain forward of the same model from another
+    thread while one runs is not safe, as for any module whose state is changing.
     """
+    with _ADAPTER_NAMES_LOCK:
+        yield from _running_adapter_names(peft_model, adapter_names)
+
+
+def _running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[None]:
     names = _checked_names(peft_model, adapter_names)
     used = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
     example_slots = torch.tensor([0 if n == BASE_ADAPTER else 1 + used.index(n) for n in names], dtype=torch.long)

@@ -267,6 +267,11 @@ def load_run(folder: str | os.PathLike, model: str | None = None):
             f"{folder} does not say which base model it adapts (no {RUN_INFO_NAME}); pass --model NAME_OR_FOLDER"
         )
     labels = info.get("label_names")
+    if not labels and info.get("combined") and info["combined"].get("head_from") is None:
+        raise PeftkitError(
+            f"{folder} was made by `peftkit combine` without a classification head, so it cannot classify; "
+            "combine again with --head N (the position or folder of the input whose head to attach)"
+        )
     num_labels = len(labels) if labels else _num_labels_from_adapter(folder)
     base, tokenizer = zoo.load_classifier(base_name, num_labels=num_labels, id2label=labels)
     quantize_like_run(base, info, task_type="SEQ_CLS")
