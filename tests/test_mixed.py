@@ -1,6 +1,8 @@
 """Mixed-adapter batches: each example runs with its own LoRA adapter, checked against running each
 example alone with its adapter (PeftModel) and against Hugging Face peft's `adapter_names`."""
 
+import json
+
 import peft
 import pytest
 import torch
@@ -244,6 +246,28 @@ def test_added_adapters_train_with_their_own_heads(tmp_path):
         expected = mixed(input_ids=input_ids, adapter_names=["five"] * 3).logits
     torch.testing.assert_close(_alone(lambda: tiny_bert(num_labels=5), tmp_path / "five", input_ids=input_ids),
                                expected, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_slot_loads_as_a_run_without_naming_the_base(tiny_model_folder, tmp_path):
+    """save_adapter writes no peftkit_run.json; load_run / `peftkit eval` take the base from adapter_config.json."""
+    from peftkit import zoo
+    from peftkit.train.job import load_run
+
+    base, tokenizer = zoo.load_classifier(tiny_model_folder, num_labels=2)
+    mixed = MixedLoraModel(base, ["query", "value"], capacity=2, max_rank=4, head="classifier", max_labels=3)
+    mixed.add_adapter("three", LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False), num_labels=3)
+    mixed.save_adapter("three", tmp_path / "three")
+    encoded = tokenizer(["a fine day", "rain again"], padding=True, return_tensors="pt")
+    loaded, _, info = load_run(tmp_path / "three")
+    assert info == {}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**encoded).logits, mixed(**encoded, adapter_names=["three"] * 2).logits,
+                                   rtol=1e-5, atol=1e-6)
+    config = json.loads((tmp_path / "three" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-hub/model-not-here"
+    (tmp_path / "three" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PeftkitError, match="pass --model"):
+        load_run(tmp_path / "three")
 
 
 def test_errors_name_the_problem_and_the_way_out(bert_folders, tmp_path):
