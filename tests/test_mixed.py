@@ -100,24 +100,51 @@ def test_kernel_pads_ranks_exactly_and_expands_rows():
         gathered_lora_update(torch.randn(3, 6), lora_A, lora_B, scaling, torch.tensor([2, 1]))
 
 
-@pytest.mark.parametrize("tokens", [1, 9])  # 1 token per row: slot-major layout; 9: factors gathered per row
-def test_kernel_both_layouts_match_a_loop_in_value_and_gradient(tokens):
+# Rows in a few runs of one adapter: a matmul pair per run; otherwise 1 token per row: slot-major
+# layout; many tokens per row: factors gathered per row.
+@pytest.mark.parametrize("layout,tokens", [("runs", 9), ("runs", 1), ("slot-major", 1), ("gathered", 9)])
+def test_kernel_layouts_match_a_loop_in_value_and_gradient(layout, tokens, monkeypatch):
+    from peftkit import mixed as mixed_module
+
+    if layout != "runs":
+        monkeypatch.setattr(mixed_module, "MAX_RUNS", 0)
     generator = torch.Generator().manual_seed(1)
-    lora_A = torch.randn(4, 3, 5, generator=generator, requires_grad=True)
-    lora_B = torch.randn(4, 6, 3, generator=generator, requires_grad=True)
-    scaling = torch.tensor([0.0, 1.5, 0.5, 2.0])
-    x = torch.randn(5, tokens, 5, generator=generator, requires_grad=True)
-    ids = torch.tensor([2, 1, 2, 0, 2])  # repeated slots, slot 3 unused
-    base = torch.randn(5, tokens, 6, generator=generator)
-    output = gathered_lora_update(x, lora_A, lora_B, scaling, ids, base, layouts={})
-    expected = torch.stack([base[b] + scaling[i] * x[b] @ lora_A[i].T @ lora_B[i].T for b, i in enumerate(ids.tolist())])
-    torch.testing.assert_close(output, expected)
-    weights = torch.randn(output.shape, generator=generator)
-    grads = torch.autograd.grad((output * weights).sum(), (x, lora_A, lora_B))
-    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, lora_A, lora_B))
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad)
-    assert torch.count_nonzero(grads[1][3]) == 0 and torch.count_nonzero(grads[2][0]) == 0
+    lora_A = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    lora_B = torch.randn(4, 6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    scaling = torch.tensor([0.0, 1.5, 0.5, 2.0], dtype=torch.float64)
+    x = torch.randn(6, tokens, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([2, 2, 1, 0, 2, 2])  # repeated slots (slot 2 in two runs), base rows, slot 3 unused
+    base = torch.randn(6, tokens, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    def reference():
+        return torch.stack([base[b] + scaling[i] * x[b] @ lora_A[i].T @ lora_B[i].T for b, i in enumerate(ids.tolist())])
+
+    for with_base in (True, False):
+        expected = reference()
+        output = gathered_lora_update(x, lora_A, lora_B, scaling, ids, base if with_base else None, layouts={})
+        torch.testing.assert_close(output, expected if with_base else expected - base)
+        weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+        inputs = (x, lora_A, lora_B) + ((base,) if with_base else ())
+        grads = torch.autograd.grad((output * weights).sum(), inputs)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad)
+        assert torch.count_nonzero(grads[1][3]) == 0 and torch.count_nonzero(grads[2][0]) == 0
+    with torch.no_grad():  # in place into the base output
+        into = base.detach().clone()
+        assert gathered_lora_update(x.detach(), lora_A.detach(), lora_B.detach(), scaling, ids, into) is into
+        torch.testing.assert_close(into, expected.detach())
+    torch.autograd.gradcheck(lambda x_, a_, b_: gathered_lora_update(x_, a_, b_, scaling, ids, base.detach()),
+                             (x, lora_A, lora_B))
+
+
+def test_runs_are_found_once_per_batch_and_many_runs_are_gathered():
+    from peftkit.mixed import MAX_RUNS, _contiguous_runs
+
+    layouts = {}
+    assert _contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) == [(3, 0, 2), (1, 2, 3), (0, 3, 5), (3, 5, 6)]
+    assert len(layouts) == 1 and _contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) is next(iter(layouts.values()))
+    assert _contiguous_runs(torch.arange(MAX_RUNS + 1), None) is None  # one adapter per example: gathered
+    assert _contiguous_runs(torch.arange(MAX_RUNS), None) == [(i, i, i + 1) for i in range(MAX_RUNS)]
 
 
 def test_gradients_of_a_mixed_batch_are_the_per_adapter_sums(bert_folders):

@@ -58,7 +58,10 @@ def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     for one batch, where the rows' arrangement by slot is computed once and reused by every layer.
     Returns (batch, ..., out).
 
-    Two ways to line rows up with their adapters, picked by the bytes they move: gather each row's
+    When the rows come in a few runs of one adapter each (co-training puts each task's batch in one
+    run), each run is two plain matmuls with its adapter's factors, as a single LoRA computes: no copy
+    of factors or activations, and no scatter of gradients into the stack in backward. Otherwise, two
+    ways to line rows up with their adapters, picked by the bytes they move: gather each row's
     factors (A[ids], B[ids]: batch x R x (in + out) copied), or, when rows carry few tokens (decoding),
     put each row's activations at its slot and multiply the stack in place (slots x tokens x (in + out)
     copied, no weight copy; slots nobody uses up to the highest id cost compute on zero rows).
@@ -90,6 +93,9 @@ def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
             return base_output
         update = F.linear(hidden, lora_B[single_id]).reshape(*lead, out_features)
         return update if base_output is None else base_output + update.to(base_output.dtype)
+    runs = _contiguous_runs(adapter_ids, layouts)
+    if runs is not None:
+        return _update_by_runs(x3, lora_A, lora_B, scaling, runs, base_output, lead, in_place)
     slots_used, most_rows, occurrence = _slot_layout(adapter_ids, layouts)
     tokens, rank = x3.shape[1], lora_A.shape[1]
     if slots_used * most_rows * tokens < batch * rank:
@@ -118,6 +124,104 @@ def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
         # One fused op: base + hidden @ B^T.
         return torch.baddbmm(base_output.reshape(batch, -1, out_features), hidden, gathered_B).reshape(base_output.shape)
     return base_output + torch.bmm(hidden, gathered_B).reshape(base_output.shape).to(base_output.dtype)
+
+
+# At most this many runs of rows sharing an adapter go through `_update_by_runs` (a loop of plain matmuls);
+# batches cut into more runs (one adapter per example, say) take one gathered batched matmul instead.
+MAX_RUNS = 8
+
+
+def _contiguous_runs(adapter_ids: torch.Tensor, layouts: dict | None) -> list[tuple[int, int, int]] | None:
+    """[(slot, first row, end row), ...] when the rows form at most MAX_RUNS runs of one slot each, else None."""
+    key = ("runs", adapter_ids.shape[0], adapter_ids.device, tuple(adapter_ids.tolist())) if layouts is not None else None
+    if key is not None and key in layouts:
+        return layouts[key]
+    ids = adapter_ids.tolist()
+    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+    runs = None
+    if len(starts) <= MAX_RUNS:
+        ends = starts[1:] + [len(ids)]
+        runs = [(ids[a], a, b) for a, b in zip(starts, ends)]
+    if key is not None:
+        layouts[key] = runs
+    return runs
+
+
+def _update_by_runs(x3: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
+                    runs: list[tuple[int, int, int]], base_output: torch.Tensor | None, lead: torch.Size,
+                    in_place: bool) -> torch.Tensor:
+    """gathered_lora_update for rows in runs of one slot: per run, x A^T (scaled), then B, added to its base rows."""
+    batch, out_features = x3.shape[0], lora_B.shape[1]
+    if in_place:
+        rows = base_output.view(batch, -1, out_features)
+        for slot, start, end in runs:
+            if slot == 0:  # BASE_ADAPTER: nothing to add
+                continue
+            hidden = F.linear(x3[start:end], lora_A[slot]) * scaling[slot].to(x3.dtype)
+            rows[start:end].view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), lora_B[slot].t())
+        return base_output
+    return _LowRankRuns.apply(x3, lora_A, lora_B, scaling, runs, base_output).reshape(
+        *lead, out_features) if base_output is None else _LowRankRuns.apply(x3, lora_A, lora_B, scaling, runs, base_output)
+
+
+class _LowRankRuns(torch.autograd.Function):
+    """base + s_k B_k A_k x over runs of rows sharing slot k, as one autograd node.
+
+    x3: (batch, tokens, in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,); runs:
+    [(slot, first row, end row), ...] covering the batch; base_output: (batch, ..., out) or None.
+    Each run is two matmuls. The rank-R products take R as the leading dimension ((R, N) results), as
+    `FusedLoraLinear` does: on CPU, the (N, R) forms that autograd's own linear backward uses are
+    several times slower. Gradients: x, the stacked factors (zero for slots not in the batch), base.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, lora_A, lora_B, scaling, runs, base_output):
+        ctx.save_for_backward(x3, lora_A, lora_B, scaling)
+        ctx.runs = runs
+        batch, in_features = x3.shape[0], x3.shape[-1]
+        out_features = lora_B.shape[1]
+        if base_output is None:
+            output = x3.new_zeros(batch, x3.shape[1], out_features)
+            ctx.base_shape = None
+        else:
+            ctx.base_shape = base_output.shape
+            output = base_output.reshape(batch, -1, out_features).clone()
+        for slot, start, end in runs:
+            if slot == 0:  # BASE_ADAPTER: nothing to add
+                continue
+            rows = x3[start:end].reshape(-1, in_features)
+            hidden_t = torch.mm(lora_A[slot], rows.t())  # (R, N)
+            output[start:end].view(-1, out_features).addmm_(hidden_t.t(), lora_B[slot].t(), alpha=float(scaling[slot]))
+        return output if base_output is None else output.view(base_output.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x3, lora_A, lora_B, scaling = ctx.saved_tensors
+        batch, in_features = x3.shape[0], x3.shape[-1]
+        out_features = lora_B.shape[1]
+        grad = grad_output.reshape(batch, -1, out_features)
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x = torch.zeros_like(x3) if needs_x else None
+        grad_A = torch.zeros_like(lora_A) if needs_A else None
+        grad_B = torch.zeros_like(lora_B) if needs_B else None
+        for slot, start, end in ctx.runs:
+            if slot == 0:
+                continue
+            s = float(scaling[slot])
+            grad_rows = grad[start:end].reshape(-1, out_features)
+            rows = x3[start:end].reshape(-1, in_features)
+            grad_hidden_t = torch.mm(lora_B[slot].t(), grad_rows.t()).mul_(s)  # (R, N)
+            if needs_x:
+                grad_x[start:end].view(-1, in_features).addmm_(grad_hidden_t.t(), lora_A[slot])
+            if needs_A:
+                grad_A[slot].addmm_(grad_hidden_t, rows)
+            if needs_B:
+                hidden_t = torch.mm(lora_A[slot], rows.t())  # (R, N), recomputed rather than saved
+                grad_B[slot].add_(torch.mm(hidden_t, grad_rows).t(), alpha=s)
+        grad_base = None
+        if ctx.base_shape is not None and ctx.needs_input_grad[5]:
+            grad_base = grad_output.reshape(ctx.base_shape)
+        return grad_x, grad_A, grad_B, None, None, grad_base
 
 
 def _slot_layout(adapter_ids: torch.Tensor, layouts: dict | None) -> tuple[int, int, torch.Tensor]:
