@@ -137,6 +137,72 @@ def test_kernel_layouts_match_a_loop_in_value_and_gradient(layout, tokens, monke
                              (x, lora_A, lora_B))
 
 
+# 2 rows x 1 token per run: the low-rank path; 9 x 3: merged (from 3 rows on: rows * (5 + 4) >= 5 * 4)
+@pytest.mark.parametrize("rows_per_run,tokens,bias,conv1d", [(2, 1, True, False), (9, 3, False, False), (9, 3, True, True)])
+def test_training_on_runs_fuses_the_frozen_matmul_exactly(rows_per_run, tokens, bias, conv1d, monkeypatch):
+    """Training on rows in runs of one slot (co-training's layout) runs the whole layer as one node: with
+    few rows the frozen matmul plus the low-rank path, with many the merged weight W + s B A."""
+    from transformers.pytorch_utils import Conv1D
+
+    from peftkit import mixed as mixed_module
+    from peftkit.mixed import AdapterSelection, MixedLoraLinear, _Selecting
+
+    torch.manual_seed(3)
+    in_features, out_features = 5, 4
+    if conv1d:
+        base = Conv1D(out_features, in_features).double()
+        weight_rows = base.weight.detach().T
+    else:
+        base = torch.nn.Linear(in_features, out_features, bias=bias).double()
+        weight_rows = base.weight.detach()
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    selection = AdapterSelection()
+    layer = MixedLoraLinear(base, slots=4, max_rank=3, selection=selection).train()
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        layer.scaling.copy_(torch.tensor([0.0, 1.5, 0.5, 2.0]))
+    ids = torch.tensor([2] * rows_per_run + [0] * rows_per_run + [1] * rows_per_run)
+    x = torch.randn(len(ids), tokens, in_features, dtype=torch.float64, requires_grad=True)
+    called = []
+    monkeypatch.setattr(mixed_module._FusedRuns, "forward", staticmethod(
+        lambda ctx, *a, _f=mixed_module._FusedRuns.forward: called.append(1) or _f(ctx, *a)))
+    with _Selecting(selection, ids):
+        output = layer(x)
+    assert called, "the fused path did not run"
+    base_bias = base.bias.detach() if getattr(base, "bias", None) is not None else torch.zeros(out_features, dtype=torch.float64)
+
+    def reference(x_, a_, b_):
+        return torch.stack([x_[r] @ weight_rows.T + base_bias + layer.scaling[i] * x_[r] @ a_[i].T @ b_[i].T
+                            for r, i in enumerate(ids.tolist())])
+
+    expected = reference(x, layer.lora_A, layer.lora_B)
+    torch.testing.assert_close(output, expected)
+    weights = torch.randn(output.shape, dtype=torch.float64)
+    inputs = (x, layer.lora_A, layer.lora_B)
+    grads = torch.autograd.grad((output * weights).sum(), inputs)
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(grad, expected_grad)
+    assert torch.count_nonzero(grads[1][3]) == 0 and torch.count_nonzero(grads[1][0]) == 0
+    assert all(p.grad is None for p in base.parameters())  # the frozen weight gets no gradient
+
+    def fused(x_, a_, b_):
+        with _Selecting(selection, ids):
+            return mixed_module._FusedRuns.apply(x_, weight_rows, base.bias, a_, b_, layer.scaling,
+                                                 mixed_module._contiguous_runs(ids, None))
+
+    torch.autograd.gradcheck(fused, (x, layer.lora_A.detach().clone().requires_grad_(),
+                                     layer.lora_B.detach().clone().requires_grad_()))
+    # dropout in a slot of the batch: the unfused path, which draws per-example masks
+    called.clear()
+    with torch.no_grad():
+        layer.dropout[2] = 0.5
+    with _Selecting(selection, ids):
+        layer(x)
+    assert not called
+
+
 def test_runs_are_found_once_per_batch_and_many_runs_are_gathered():
     from peftkit.mixed import MAX_RUNS, _contiguous_runs
 

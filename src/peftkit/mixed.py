@@ -35,7 +35,7 @@ from peftkit import io
 from peftkit.config import load_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdaptedModule, ReplacementDelta, adapted_modules
-from peftkit.methods.lora import LoraConfig, LoraLinearDelta, _pattern_value, lora_scaling
+from peftkit.methods.lora import LoraConfig, LoraLinearDelta, _merge_pays, _merged_rows, _pattern_value, lora_scaling
 from peftkit.targeting import ALL_LINEAR, CLASSIFIER_HEAD_NAMES, find_targets, layer_index, linear_types, name_matches
 
 BASE_ADAPTER = "__base__"
@@ -224,6 +224,84 @@ class _LowRankRuns(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, grad_base
 
 
+class _FusedRuns(torch.autograd.Function):
+    """A mixed LoRA layer's whole output, x W^T + b + s_k B_k A_k x, for rows in runs of one slot k each.
+
+    x: (batch, ..., in); weight_rows W: (out, in) (a view for GPT-2 Conv1D); bias b: (out,) or None; the
+    stacked factors as in `gathered_lora_update`; runs: [(slot, first row, end row), ...]. Per run this
+    is `FusedLoraLinear`'s computation: where a run has more rows than the weight, roughly, its output and
+    its input gradient use the merged weight W + s B A (one matmul each), else the frozen matmul plus the
+    low-rank path; rank-r products in the (r, N) layout. The frozen weight and bias get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_rows, bias, lora_A, lora_B, scaling, runs):
+        ctx.save_for_backward(x, weight_rows, lora_A, lora_B, scaling)
+        ctx.runs = runs
+        out_features, in_features = weight_rows.shape
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, in_features)
+        output = x.new_empty(batch, x3.shape[1], out_features)
+        for slot, start, end in runs:
+            rows = x3[start:end].reshape(-1, in_features)
+            target = output[start:end].view(-1, out_features)
+            s = float(scaling[slot])
+            if slot == 0 or not s:  # BASE_ADAPTER
+                weight = weight_rows
+            elif _merge_pays(rows.shape[0], in_features, out_features):
+                weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s)
+            else:
+                weight = None
+            if weight is not None:
+                if bias is None:
+                    torch.mm(rows, weight.t(), out=target)
+                else:
+                    torch.addmm(bias, rows, weight.t(), out=target)
+                continue
+            if bias is None:
+                torch.mm(rows, weight_rows.t(), out=target)
+            else:
+                torch.addmm(bias, rows, weight_rows.t(), out=target)
+            target.addmm_(torch.mm(lora_A[slot], rows.t()).t(), lora_B[slot].t(), alpha=s)
+        return output.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight_rows, lora_A, lora_B, scaling = ctx.saved_tensors
+        out_features, in_features = weight_rows.shape
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, in_features)
+        grad = grad_output.reshape(batch, -1, out_features)
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_x = x3.new_empty(x3.shape) if needs_x else None
+        grad_A = torch.zeros_like(lora_A) if needs_A else None
+        grad_B = torch.zeros_like(lora_B) if needs_B else None
+        for slot, start, end in ctx.runs:
+            grad_rows = grad[start:end].reshape(-1, out_features)
+            rows = x3[start:end].reshape(-1, in_features)
+            s = float(scaling[slot])
+            target = grad_x[start:end].view(-1, in_features) if needs_x else None
+            if slot == 0 or not s:
+                if needs_x:
+                    torch.mm(grad_rows, weight_rows, out=target)
+                continue
+            grad_hidden_t = torch.mm(lora_B[slot].t(), grad_rows.t()).mul_(s)  # (r, N)
+            if needs_x:
+                if _merge_pays(rows.shape[0], in_features, out_features):
+                    torch.mm(grad_rows, _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s), out=target)
+                else:
+                    torch.mm(grad_rows, weight_rows, out=target)
+                    target.addmm_(grad_hidden_t.t(), lora_A[slot])
+            if needs_A:
+                grad_A[slot].addmm_(grad_hidden_t, rows)
+            if needs_B:
+                hidden_t = torch.mm(lora_A[slot], rows.t())  # (r, N), recomputed rather than saved
+                grad_B[slot].add_(torch.mm(hidden_t, grad_rows).t(), alpha=s)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
 def _slot_layout(adapter_ids: torch.Tensor, layouts: dict | None) -> tuple[int, int, torch.Tensor]:
     """(highest slot + 1, most rows sharing one slot, each row's index among the rows of its slot (batch,))."""
     key = (adapter_ids.shape[0], adapter_ids.device, tuple(adapter_ids.tolist())) if layouts is not None else None
@@ -300,10 +378,29 @@ class MixedLoraLinear(nn.Module):
             # One adapter for every row, no autograd, many rows: W + s B A costs less than the low-rank side path.
             weight = torch.addmm(self.base_layer.weight, self.lora_B[single], self.lora_A[single], alpha=float(self.scaling[single]))
             return F.linear(x, weight, self.base_layer.bias)
+        if single is None and torch.is_grad_enabled():
+            fused = self._fused_runs(x, ids)
+            if fused is not None:
+                return fused
         base_output = self.base_layer(x)
         dropout = self.dropout if self.training else None
         return gathered_lora_update(x, self.lora_A, self.lora_B, self.scaling, ids, base_output, dropout, single,
                                     self.selection.layouts)
+
+    def _fused_runs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The layer's whole output as `_FusedRuns` (training on rows in a few runs of one adapter each), or
+        None where that path does not apply: rows repeated by generate, dropout in a slot of the batch, a
+        cast, hooks or autocast, a base layer that is not a plain Linear / Conv1D (quantized, say)."""
+        layer = self.base_layer
+        if (ids.shape[0] != x.shape[0] or type(layer) not in linear_types() or x.dtype != self.lora_A.dtype
+                or layer.weight.dtype != x.dtype or layer._forward_hooks or layer._forward_pre_hooks
+                or "forward" in layer.__dict__ or torch.is_autocast_enabled(x.device.type)):
+            return None
+        runs = _contiguous_runs(ids, self.selection.layouts)
+        if runs is None or (self.training and any(float(self.dropout[slot]) > 0 for slot, _, _ in runs)):
+            return None
+        weight_rows = layer.weight if isinstance(layer, nn.Linear) else layer.weight.T  # Conv1D stores (in, out)
+        return _FusedRuns.apply(x, weight_rows, layer.bias, self.lora_A, self.lora_B, self.scaling, runs)
 
     def _merging_pays(self, x: torch.Tensor) -> bool:
         if type(self.base_layer) is not nn.Linear or x.dtype != self.lora_A.dtype or torch.is_grad_enabled() or self.training:
