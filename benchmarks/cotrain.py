@@ -91,8 +91,21 @@ def measured(command: list[str], log: Path) -> dict:
         print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise SystemExit(f"{command} failed with exit code {code}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb, "source": "measured by this script",
-            "load_average_before": load_before, "load_average_after": load_average()}
+    timing = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb, "source": f"measured by this script ({log})",
+              "load_average_before": load_before, "load_average_after": load_average()}
+    timing_file(log).write_text(json.dumps(timing, indent=1))  # so that a later report can read the finished run
+    return timing
+
+
+def timing_file(log: Path) -> Path:
+    return log.with_name(log.name + ".timing.json")
+
+
+def recorded_timing(log: Path) -> dict | None:
+    """The timing of a run this script measured (its log's .timing.json), else its log's /usr/bin/time report."""
+    if timing_file(log).is_file():
+        return json.loads(timing_file(log).read_text())
+    return timing_from_log(log)
 
 
 def cotrain_complete(folder: Path) -> bool:
@@ -198,6 +211,57 @@ def pass_times(samples: int, threads: int) -> dict:
             "passes_in_epoch": len(plan), "load_average": load_average()}
 
 
+def collect_separate(root: Path) -> dict:
+    """The four separate runs in root/<task>: run here where missing, else read (timing from their logs)."""
+    separate = {}
+    for task in TASKS:
+        run = root / task
+        if not (run / "job.json").is_file():
+            # Never start a second run in a folder another process is training in, nor overwrite its log.
+            log = root / f"{task}.log"
+            if training_in(run):
+                raise SystemExit(f"a peftkit process is training the separate {task} run in {run}; wait for it to finish, "
+                                 "then run this again")
+            root.mkdir(parents=True, exist_ok=True)
+            resume = (run / "checkpoints").is_dir()
+            if log.exists():
+                log = root / f"{task}-benchmark-{int(time.time())}.log"
+            timing = measured(separate_command(task, root) + (["--resume"] if resume else []), log)
+        else:
+            job = json.loads((run / "job.json").read_text())
+            timing = recorded_timing(root / f"{task}.log") or {
+                "wall_s": job["wall_time_s"], "cpu_s": None, "source": "job.json (interpreter start and imports not included)"}
+        job = json.loads((run / "job.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        separate[task] = {"accuracy": job["validation_accuracy"], "steps": job["steps"], "best_step": metrics["best_step"],
+                          "command": " ".join(["peftkit"] + separate_command(task, root)[len(peftkit_command()):]), **timing}
+
+    return separate
+
+
+def collect_cotrain(folder: Path, cotrain_log: Path) -> tuple[list[dict], dict]:
+    """The co-training run in folder: run (or resume) here where unfinished, else read. (timings, metrics)"""
+    cotrain_parts = []
+    if not cotrain_complete(folder) and training_in(folder):
+        raise SystemExit(f"a peftkit process is co-training in {folder}; wait for it to finish, then run this again")
+    if not cotrain_complete(folder):
+        resume = (folder / "checkpoint" / "state.json").is_file()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        log = folder.parent / f"{folder.name}-{'resume' if resume else 'run'}-{int(time.time())}.log"
+        cotrain_parts.append(measured(cotrain_command(folder, resume), log))
+    else:
+        measured_here = sorted(folder.parent.glob(f"{folder.name}-run-*.log.timing.json"))
+        timing = json.loads(measured_here[-1].read_text()) if measured_here else timing_from_log(cotrain_log)
+        if timing is None:
+            raise SystemExit(f"{folder} holds a finished co-training run but {cotrain_log} has no /usr/bin/time report "
+                             "for its timing; rerun it (delete the folder) or point --cotrain-log at its log")
+        cotrain_parts.append(timing)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if metrics.get("resumed_from") and len(cotrain_parts) == 1 and cotrain_parts[0]["source"].startswith("/usr/bin/time"):
+        print("note: the co-training run was resumed; its timing covers the last part only", file=sys.stderr)
+    return cotrain_parts, metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--separate-root", default="/work/bench-tasks", help="folder of the separate runs (one per task)")
@@ -208,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pass-times", type=int, default=0, metavar="N",
                         help="only time N co-trained passes against the same batches trained separately (interleaved)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for --pass-times")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="run the five runs N times (in repeat-K subfolders, alternating which side goes first) "
+                             "and compare the median wall times")
     args = parser.parse_args(argv)
     if args.pass_times:
         timing = pass_times(args.pass_times, args.threads)
@@ -228,48 +295,22 @@ def main(argv: list[str] | None = None) -> int:
                                            "measured_at": time.strftime("%Y-%m-%d"), "markdown": markdown, **timing})
             print(f"wrote {args.json}")
         return 0
-    root, folder = Path(args.separate_root), Path(args.cotrain_dir)
-
-    separate = {}
-    for task in TASKS:
-        run = root / task
-        if not (run / "job.json").is_file():
-            # Never start a second run in a folder another process is training in, nor overwrite its log.
-            log = root / f"{task}.log"
-            if training_in(run):
-                raise SystemExit(f"a peftkit process is training the separate {task} run in {run}; wait for it to finish, "
-                                 "then run this again")
-            root.mkdir(parents=True, exist_ok=True)
-            resume = (run / "checkpoints").is_dir()
-            if log.exists():
-                log = root / f"{task}-benchmark-{int(time.time())}.log"
-            timing = measured(separate_command(task, root) + (["--resume"] if resume else []), log)
+    repeats = []
+    for k in range(args.repeats):
+        root, folder = Path(args.separate_root), Path(args.cotrain_dir)
+        if args.repeats > 1:
+            root, folder = root / f"repeat-{k + 1}", folder / f"repeat-{k + 1}"
+        # Alternate which goes first, so that a drift in the machine's speed falls on both sides.
+        if k % 2:
+            cotrain_parts, metrics = collect_cotrain(folder, Path(args.cotrain_log))
+            separate = collect_separate(root)
         else:
-            job = json.loads((run / "job.json").read_text())
-            timing = timing_from_log(root / f"{task}.log") or {
-                "wall_s": job["wall_time_s"], "cpu_s": None, "source": "job.json (interpreter start and imports not included)"}
-        job = json.loads((run / "job.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-        separate[task] = {"accuracy": job["validation_accuracy"], "steps": job["steps"], "best_step": metrics["best_step"],
-                          "command": " ".join(["peftkit"] + separate_command(task, root)[len(peftkit_command()):]), **timing}
-
-    cotrain_parts = []
-    if not cotrain_complete(folder) and training_in(folder):
-        raise SystemExit(f"a peftkit process is co-training in {folder}; wait for it to finish, then run this again")
-    if not cotrain_complete(folder):
-        resume = (folder / "checkpoint" / "state.json").is_file()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        log = folder.parent / f"{folder.name}-{'resume' if resume else 'run'}-{int(time.time())}.log"
-        cotrain_parts.append(measured(cotrain_command(folder, resume), log))
-    else:
-        timing = timing_from_log(Path(args.cotrain_log))
-        if timing is None:
-            raise SystemExit(f"{folder} holds a finished co-training run but {args.cotrain_log} has no /usr/bin/time report "
-                             "for its timing; rerun it (delete the folder) or point --cotrain-log at its log")
-        cotrain_parts.append(timing)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    if metrics.get("resumed_from") and len(cotrain_parts) == 1 and cotrain_parts[0]["source"].startswith("/usr/bin/time"):
-        print("note: the co-training run was resumed; its timing covers the last part only", file=sys.stderr)
+            separate = collect_separate(root)
+            cotrain_parts, metrics = collect_cotrain(folder, Path(args.cotrain_log))
+        repeats.append({"separate": separate, "cotrain_parts": cotrain_parts, "metrics": metrics, "folder": folder,
+                        "separate_wall_s": sum(t["wall_s"] for t in separate.values()),
+                        "cotrain_wall_s": sum(t["wall_s"] for t in cotrain_parts)})
+    separate, cotrain_parts, metrics, folder = (repeats[0][k] for k in ("separate", "cotrain_parts", "metrics", "folder"))
 
     from peftkit.train.job import evaluate_run
 
@@ -285,38 +326,61 @@ def main(argv: list[str] | None = None) -> int:
                     f"(eval: {100 * rescored:.2f}%) | {difference:+.2f} | {separate[task]['steps']} / {result['steps']} "
                     f"| {'yes' if abs(difference) <= TARGET_POINTS or difference > 0 else 'NO'} |")
 
-    separate_wall = sum(s["wall_s"] for s in separate.values())
-    separate_cpu = sum(s["cpu_s"] for s in separate.values()) if all(s["cpu_s"] is not None for s in separate.values()) else None
-    cotrain_wall = sum(p["wall_s"] for p in cotrain_parts)
-    cotrain_cpu = sum(p["cpu_s"] for p in cotrain_parts)
+    import statistics
+
+    def cpu_of(repeat):
+        values = [t["cpu_s"] for t in repeat["separate"].values()]
+        return (sum(values) if all(v is not None for v in values) else None,
+                sum(p["cpu_s"] for p in repeat["cotrain_parts"]))
+
+    separate_wall = statistics.median(r["separate_wall_s"] for r in repeats)
+    cotrain_wall = statistics.median(r["cotrain_wall_s"] for r in repeats)
     tokens_separate = padded_tokens_separate()
     within = all(abs(c["difference_points"]) <= TARGET_POINTS or c["difference_points"] > 0 for c in cotrained.values())
     faster = cotrain_wall < separate_wall
-    per_task_walls = " + ".join(f"{separate[t]['wall_s']:.0f}" for t in TASKS)
-    cpu_text = (f"{separate_cpu:.0f} s vs {cotrain_cpu:.0f} s ({cotrain_cpu / separate_cpu:.2f}x)" if separate_cpu else "n/a")
+    # Training on CPU is deterministic: every repeat must reach the same accuracies.
+    same_accuracy = all(
+        r["separate"][t]["accuracy"] == separate[t]["accuracy"]
+        and r["metrics"]["tasks"][t]["validation_accuracy"] == metrics["tasks"][t]["validation_accuracy"]
+        for r in repeats for t in TASKS)
+    time_rows = []
+    for k, repeat in enumerate(repeats):
+        separate_cpu, cotrain_cpu = cpu_of(repeat)
+        order = "co-trained first" if k % 2 else "separate first"
+        per_task = " + ".join(f"{repeat['separate'][t]['wall_s']:.0f}" for t in TASKS)
+        cpu_cells = (f"{separate_cpu:.0f} s | {cotrain_cpu:.0f} s | {cotrain_cpu / separate_cpu:.2f}x" if separate_cpu
+                     else f"n/a | {cotrain_cpu:.0f} s | n/a")
+        time_rows.append(f"| {k + 1} ({order}) | {repeat['separate_wall_s']:.0f} s ({per_task}) | {repeat['cotrain_wall_s']:.0f} s "
+                         f"| {repeat['cotrain_wall_s'] / repeat['separate_wall_s']:.2f}x | {cpu_cells} |")
+    if len(repeats) > 1:
+        time_rows.append(f"| median | {separate_wall:.0f} s | {cotrain_wall:.0f} s | {cotrain_wall / separate_wall:.2f}x | | | |")
     lines = [
         "LoRA (r=8, all linear layers, lr 1e-3, 2 epochs, batch 32 per task, seed 0) on minilm; accuracy on each "
         "task's validation split at the best evaluated epoch. Co-trained: one `peftkit train --task sst2,trec,cr,mr` run, "
         "one adapter per task in mixed batches (each task's own batches, matched by length); `eval` is the saved "
-        "folder re-scored by `peftkit eval`'s code. Steps: separate / co-trained.",
+        "folder re-scored by `peftkit eval`'s code. Steps: separate / co-trained."
+        + (f" The runs were repeated {len(repeats)} times, alternating which side went first; accuracies were "
+           + ("identical in every repeat (training on CPU is deterministic)." if same_accuracy
+              else "NOT identical across repeats (the table shows the first).") if len(repeats) > 1 else ""),
         "",
         "| task | separate | co-trained | difference (points) | steps | within 1 point |",
         "|---|---:|---:|---:|---:|:---:|",
         *rows,
         "",
-        "| time (whole processes) | 4 separate runs (sum) | co-trained run | ratio |",
-        "|---|---:|---:|---:|",
-        f"| wall | {separate_wall:.0f} s ({per_task_walls}) | {cotrain_wall:.0f} s "
-        f"| {cotrain_wall / separate_wall:.2f}x |",
-        f"| CPU (user + system) | {cpu_text.split(' vs ')[0]} | {cotrain_cpu:.0f} s | "
-        f"{(f'{cotrain_cpu / separate_cpu:.2f}x') if separate_cpu else 'n/a'} |",
-        f"| padded tokens trained | {sum(tokens_separate.values()):,d} | {metrics['padded_tokens']:,d} "
-        f"| {metrics['padded_tokens'] / sum(tokens_separate.values()):.2f}x |",
-        f"| forward passes | {sum(s['steps'] for s in separate.values())} | {metrics['forward_passes']} | "
-        f"{metrics['forward_passes'] / sum(s['steps'] for s in separate.values()):.2f}x |",
+        "Time of the whole processes (interpreter start to exit), the four separate runs summed:",
+        "",
+        "| repeat | wall: 4 separate runs (sst2 + trec + cr + mr) | wall: co-trained run | ratio "
+        "| CPU: separate | CPU: co-trained | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *time_rows,
+        "",
+        f"Padded tokens trained: {sum(tokens_separate.values()):,d} separate, {metrics['padded_tokens']:,d} co-trained "
+        f"({metrics['padded_tokens'] / sum(tokens_separate.values()):.2f}x); forward passes: "
+        f"{sum(s['steps'] for s in separate.values())} separate, {metrics['forward_passes']} co-trained.",
         "",
         f"- {'PASS' if within else 'FAIL'}: every task within {TARGET_POINTS:g} point of its separate adapter (or better)",
-        f"- {'PASS' if faster else 'FAIL'}: co-trained wall time {cotrain_wall:.0f} s < separate total {separate_wall:.0f} s",
+        f"- {'PASS' if faster else 'FAIL'}: co-trained wall time {cotrain_wall:.0f} s < separate total {separate_wall:.0f} s"
+        + (" (medians)" if len(repeats) > 1 else ""),
     ]
     markdown = "\n".join(lines)
     print(markdown)
@@ -328,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         "separate": separate,
         "cotrained": cotrained,
         "cotrain_timing": cotrain_parts,
+        "repeats": [{"separate": r["separate"], "cotrain_timing": r["cotrain_parts"], "separate_wall_s": r["separate_wall_s"],
+                     "cotrain_wall_s": r["cotrain_wall_s"], "cotrain_dir": str(r["folder"])} for r in repeats],
+        "same_accuracy_in_every_repeat": same_accuracy,
         "cotrain_metrics": {k: v for k, v in metrics.items() if k != "tasks"},
         "padded_tokens_separate": tokens_separate,
         "load_average_at_report": load_average(),
