@@ -1,15 +1,15 @@
 """Co-training four tasks in one run against four separate runs: LoRA on minilm, sst2 + trec + cr + mr.
 
     python benchmarks/cotrain.py --json benchmarks/results/cotrain.json        # the runs in /work/bench-*
-    python benchmarks/cotrain.py --separate-root /work/bench-cotrain-quiet/tasks \
-        --cotrain-dir /work/bench-cotrain-quiet/cotrain --json benchmarks/results/cotrain.json   # all five, here
+    python benchmarks/cotrain.py --repeats 3 --separate-root /work/bench-cotrain-rep/tasks \
+        --cotrain-dir /work/bench-cotrain-rep/cotrain --json benchmarks/results/cotrain.json   # the README's figures
     python benchmarks/cotrain.py --pass-times 16                                # passes only, interleaved
 
 The co-trained run is `peftkit train --method lora --model minilm --task sst2,trec,cr,mr --seed 0
 --output-dir /work/bench-cotrain`; the separate runs are `peftkit train --method lora --model minilm --task T
 --output-dir /work/bench-tasks/T --no-progress --seed 0`, one per task. Runs already in those folders are
 read, not repeated (a co-training run cut short is continued with --resume); missing ones are run here,
-one after the other (on a quiet 2-core machine, an estimated 25 minutes for the five). Training on CPU is
+one after the other (on a quiet 2-core machine, about 14 minutes for the five; --repeats 3 takes 42). Training on CPU is
 deterministic given the seed and thread count, so load changes the times but not the accuracies.
 
 Accuracy: each task's validation split, at the best evaluated epoch (the adapter each run keeps), and the

@@ -128,7 +128,9 @@ def main() -> int:
                     f"r={results['reconstruction'][columns[0]]['rank']} by truncated SVD ('full rank' columns: exact), "
                     f"evaluated with the task's own head; weights 1 each (task arithmetic / TIES lambda = 1) except "
                     f"'linear (mean)' (1/{len(tasks)} each); density {args.density} for TIES, DARE and pruning; DARE seed 0. "
-                    + ("" if cotrained else "Co-trained adapters: not run yet (no run folders in " + str(cotrain) + ").")
+                    + ("Co-trained: each task's adapter from one `peftkit train --method lora --model minilm --task "
+                       "sst2,trec,cr,mr --seed 0` run (benchmarks/cotrain.py), evaluated the same way." if cotrained
+                       else "Co-trained adapters: not run yet (no run folders in " + str(cotrain) + ").")
                     + ("" if complete else " INCOMPLETE: the run was still going when this was written."))
             write_results_json(args.json, {
                 "command": command, "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

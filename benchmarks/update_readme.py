@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
-         "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "interference", "serve_load"]
+         "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "cotrain_passes", "interference",
+         "serve_load"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
@@ -31,6 +32,7 @@ TITLES = {
     "lora_fused": "Fused LoRA training step: peftkit fused and unfused, Hugging Face peft, full fine-tuning; activation memory",
     "mixed_batch": "Mixed-adapter batches: every example with its own adapter, against one adapter and against peft's adapter_names",
     "cotrain": "Co-training sst2 + trec + cr + mr in mixed batches, against four separate runs",
+    "cotrain_passes": "Co-training, pass by pass: one mixed step against the same batches' separate steps",
     "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
 }
