@@ -391,7 +391,8 @@ def cotrain_classifiers(
     names = [task_name(s) for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise PeftkitError(f"tasks {repeated} appear twice (tasks are named by file or folder name: {names}); rename the files")
+        raise PeftkitError(f"tasks {repeated} appear twice (tasks are named by file or folder name: {names}); give each task "
+                           "once, and rename files or folders that share a name")
     for name in names:
         io.check_adapter_name(name)
         if name in (CHECKPOINT_DIRNAME, METRICS_FILENAME):
