@@ -150,156 +150,110 @@ def _contiguous_runs(adapter_ids: torch.Tensor, layouts: dict | None) -> list[tu
 def _update_by_runs(x3: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
                     runs: list[tuple[int, int, int]], base_output: torch.Tensor | None, lead: torch.Size,
                     in_place: bool) -> torch.Tensor:
-    """gathered_lora_update for rows in runs of one slot: per run, x A^T (scaled), then B, added to its base rows."""
-    batch, out_features = x3.shape[0], lora_B.shape[1]
+    """gathered_lora_update for rows in runs of one slot: each run's base rows plus s B A x."""
+    out_features = lora_B.shape[1]
     if in_place:
-        rows = base_output.view(batch, -1, out_features)
-        for slot, start, end in runs:
-            if slot == 0:  # BASE_ADAPTER: nothing to add
-                continue
-            hidden = F.linear(x3[start:end], lora_A[slot]) * scaling[slot].to(x3.dtype)
-            rows[start:end].view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), lora_B[slot].t())
+        _runs_forward(x3, None, None, lora_A, lora_B, scaling.tolist(), runs, base_output.view(x3.shape[0], -1, out_features))
         return base_output
-    return _LowRankRuns.apply(x3, lora_A, lora_B, scaling, runs, base_output).reshape(
-        *lead, out_features) if base_output is None else _LowRankRuns.apply(x3, lora_A, lora_B, scaling, runs, base_output)
+    output = _LoraRuns.apply(x3, None, None, base_output, lora_A, lora_B, scaling, runs)
+    return output.reshape(*lead, out_features) if base_output is None else output.view(base_output.shape)
 
 
-class _LowRankRuns(torch.autograd.Function):
-    """base + s_k B_k A_k x over runs of rows sharing slot k, as one autograd node.
+def _runs_forward(x3: torch.Tensor, weight_rows: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scales: list[float], runs: list[tuple[int, int, int]], output: torch.Tensor) -> None:
+    """Write into output (batch, tokens, out), per run of slot k: x W^T + b + s_k B_k A_k x.
 
-    x3: (batch, tokens, in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,); runs:
-    [(slot, first row, end row), ...] covering the batch; base_output: (batch, ..., out) or None.
-    Each run is two matmuls. The rank-R products take R as the leading dimension ((R, N) results), as
-    `FusedLoraLinear` does: on CPU, the (N, R) forms that autograd's own linear backward uses are
-    several times slower. Gradients: x, the stacked factors (zero for slots not in the batch), base.
+    With weight_rows None, output already holds the base rows and only the update is added. With the
+    frozen weight, a run with more rows than the weight has, roughly, uses the merged W + s B A (one
+    matmul), as `FusedLoraLinear` does. The rank-r product is taken as (r, N), the fast layout on CPU.
+    """
+    out_features, in_features = output.shape[-1], x3.shape[-1]
+    for slot, start, end in runs:
+        rows = x3[start:end].reshape(-1, in_features)
+        target = output[start:end].view(-1, out_features)
+        s = scales[slot]
+        adapted = slot != 0 and s != 0  # slot 0 is BASE_ADAPTER
+        if weight_rows is not None:
+            merged = adapted and _merge_pays(rows.shape[0], in_features, out_features)
+            weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s) if merged else weight_rows
+            if bias is None:
+                torch.mm(rows, weight.t(), out=target)
+            else:
+                torch.addmm(bias, rows, weight.t(), out=target)
+            if merged:
+                continue
+        if adapted:
+            target.addmm_(torch.mm(lora_A[slot], rows.t()).t(), lora_B[slot].t(), alpha=s)
+
+
+class _LoraRuns(torch.autograd.Function):
+    """Mixed LoRA over rows in runs that share a slot k, as one autograd node: per run, s_k B_k A_k x added to
+    the base rows, where the base is base_output (or zeros) or, given the frozen weight_rows W (out, in)
+    and bias, computed here (the layer's whole output, `FusedLoraLinear`'s computation per run).
+
+    x: (batch, ..., in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,); runs:
+    [(slot, first row, end row), ...] covering the batch. Returns (batch, tokens, out). The rank-R
+    products take R as the leading dimension ((R, N) results): on CPU, the (N, R) forms of autograd's
+    own linear backward are several times slower. Gradients: x, base_output, the stacked factors (zero
+    for slots not in the batch); never W or b.
     """
 
     @staticmethod
-    def forward(ctx, x3, lora_A, lora_B, scaling, runs, base_output):
-        ctx.save_for_backward(x3, lora_A, lora_B, scaling)
-        ctx.runs = runs
-        batch, in_features = x3.shape[0], x3.shape[-1]
-        out_features = lora_B.shape[1]
-        if base_output is None:
-            output = x3.new_zeros(batch, x3.shape[1], out_features)
-            ctx.base_shape = None
+    def forward(ctx, x, weight_rows, bias, base_output, lora_A, lora_B, scaling, runs):
+        scales = scaling.tolist()  # one read of the scalings, not one per run
+        ctx.save_for_backward(x, weight_rows, lora_A, lora_B)
+        ctx.scales, ctx.runs = scales, runs
+        ctx.base_shape = None if base_output is None else base_output.shape
+        out_features, in_features = lora_B.shape[1], x.shape[-1]
+        x3 = x.reshape(x.shape[0], -1, in_features)
+        if weight_rows is not None:
+            output = x3.new_empty(x3.shape[0], x3.shape[1], out_features)
+        elif base_output is not None:
+            output = base_output.reshape(x3.shape[0], -1, out_features).clone()
         else:
-            ctx.base_shape = base_output.shape
-            output = base_output.reshape(batch, -1, out_features).clone()
-        for slot, start, end in runs:
-            if slot == 0:  # BASE_ADAPTER: nothing to add
-                continue
-            rows = x3[start:end].reshape(-1, in_features)
-            hidden_t = torch.mm(lora_A[slot], rows.t())  # (R, N)
-            output[start:end].view(-1, out_features).addmm_(hidden_t.t(), lora_B[slot].t(), alpha=float(scaling[slot]))
-        return output if base_output is None else output.view(base_output.shape)
+            output = x3.new_zeros(x3.shape[0], x3.shape[1], out_features)
+        _runs_forward(x3, weight_rows, bias, lora_A, lora_B, scales, runs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x3, lora_A, lora_B, scaling = ctx.saved_tensors
-        batch, in_features = x3.shape[0], x3.shape[-1]
-        out_features = lora_B.shape[1]
-        grad = grad_output.reshape(batch, -1, out_features)
-        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_x = torch.zeros_like(x3) if needs_x else None
+        x, weight_rows, lora_A, lora_B = ctx.saved_tensors
+        out_features, in_features = lora_B.shape[1], x.shape[-1]
+        x3 = x.reshape(x.shape[0], -1, in_features)
+        grad = grad_output.reshape(x3.shape[0], -1, out_features)
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        grad_x = None
+        if needs_x:  # every run writes its rows when the frozen matmul is here; else only adapted runs add
+            grad_x = torch.empty_like(x3) if weight_rows is not None else torch.zeros_like(x3)
         grad_A = torch.zeros_like(lora_A) if needs_A else None
         grad_B = torch.zeros_like(lora_B) if needs_B else None
         for slot, start, end in ctx.runs:
-            if slot == 0:
-                continue
-            s = float(scaling[slot])
             grad_rows = grad[start:end].reshape(-1, out_features)
             rows = x3[start:end].reshape(-1, in_features)
+            target = grad_x[start:end].view(-1, in_features) if needs_x else None
+            s = ctx.scales[slot]
+            adapted = slot != 0 and s != 0
+            merged = False
+            if weight_rows is not None and needs_x:
+                merged = adapted and _merge_pays(rows.shape[0], in_features, out_features)
+                weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s) if merged else weight_rows
+                torch.mm(grad_rows, weight, out=target)
+            if not adapted:
+                continue
             grad_hidden_t = torch.mm(lora_B[slot].t(), grad_rows.t()).mul_(s)  # (R, N)
-            if needs_x:
-                grad_x[start:end].view(-1, in_features).addmm_(grad_hidden_t.t(), lora_A[slot])
+            if needs_x and not merged:
+                target.addmm_(grad_hidden_t.t(), lora_A[slot])
             if needs_A:
                 grad_A[slot].addmm_(grad_hidden_t, rows)
             if needs_B:
                 hidden_t = torch.mm(lora_A[slot], rows.t())  # (R, N), recomputed rather than saved
                 grad_B[slot].add_(torch.mm(hidden_t, grad_rows).t(), alpha=s)
         grad_base = None
-        if ctx.base_shape is not None and ctx.needs_input_grad[5]:
+        if ctx.base_shape is not None and ctx.needs_input_grad[3]:
             grad_base = grad_output.reshape(ctx.base_shape)
-        return grad_x, grad_A, grad_B, None, None, grad_base
-
-
-class _FusedRuns(torch.autograd.Function):
-    """A mixed LoRA layer's whole output, x W^T + b + s_k B_k A_k x, for rows in runs of one slot k each.
-
-    x: (batch, ..., in); weight_rows W: (out, in) (a view for GPT-2 Conv1D); bias b: (out,) or None; the
-    stacked factors as in `gathered_lora_update`; runs: [(slot, first row, end row), ...]. Per run this
-    is `FusedLoraLinear`'s computation: where a run has more rows than the weight, roughly, its output and
-    its input gradient use the merged weight W + s B A (one matmul each), else the frozen matmul plus the
-    low-rank path; rank-r products in the (r, N) layout. The frozen weight and bias get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight_rows, bias, lora_A, lora_B, scaling, runs):
-        ctx.save_for_backward(x, weight_rows, lora_A, lora_B, scaling)
-        ctx.runs = runs
-        out_features, in_features = weight_rows.shape
-        batch = x.shape[0]
-        x3 = x.reshape(batch, -1, in_features)
-        output = x.new_empty(batch, x3.shape[1], out_features)
-        for slot, start, end in runs:
-            rows = x3[start:end].reshape(-1, in_features)
-            target = output[start:end].view(-1, out_features)
-            s = float(scaling[slot])
-            if slot == 0 or not s:  # BASE_ADAPTER
-                weight = weight_rows
-            elif _merge_pays(rows.shape[0], in_features, out_features):
-                weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s)
-            else:
-                weight = None
-            if weight is not None:
-                if bias is None:
-                    torch.mm(rows, weight.t(), out=target)
-                else:
-                    torch.addmm(bias, rows, weight.t(), out=target)
-                continue
-            if bias is None:
-                torch.mm(rows, weight_rows.t(), out=target)
-            else:
-                torch.addmm(bias, rows, weight_rows.t(), out=target)
-            target.addmm_(torch.mm(lora_A[slot], rows.t()).t(), lora_B[slot].t(), alpha=s)
-        return output.view(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight_rows, lora_A, lora_B, scaling = ctx.saved_tensors
-        out_features, in_features = weight_rows.shape
-        batch = x.shape[0]
-        x3 = x.reshape(batch, -1, in_features)
-        grad = grad_output.reshape(batch, -1, out_features)
-        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        grad_x = x3.new_empty(x3.shape) if needs_x else None
-        grad_A = torch.zeros_like(lora_A) if needs_A else None
-        grad_B = torch.zeros_like(lora_B) if needs_B else None
-        for slot, start, end in ctx.runs:
-            grad_rows = grad[start:end].reshape(-1, out_features)
-            rows = x3[start:end].reshape(-1, in_features)
-            s = float(scaling[slot])
-            target = grad_x[start:end].view(-1, in_features) if needs_x else None
-            if slot == 0 or not s:
-                if needs_x:
-                    torch.mm(grad_rows, weight_rows, out=target)
-                continue
-            grad_hidden_t = torch.mm(lora_B[slot].t(), grad_rows.t()).mul_(s)  # (r, N)
-            if needs_x:
-                if _merge_pays(rows.shape[0], in_features, out_features):
-                    torch.mm(grad_rows, _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s), out=target)
-                else:
-                    torch.mm(grad_rows, weight_rows, out=target)
-                    target.addmm_(grad_hidden_t.t(), lora_A[slot])
-            if needs_A:
-                grad_A[slot].addmm_(grad_hidden_t, rows)
-            if needs_B:
-                hidden_t = torch.mm(lora_A[slot], rows.t())  # (r, N), recomputed rather than saved
-                grad_B[slot].add_(torch.mm(hidden_t, grad_rows).t(), alpha=s)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_A, grad_B, None, None
+        return grad_x, None, None, grad_base, grad_A, grad_B, None, None
 
 
 def _slot_layout(adapter_ids: torch.Tensor, layouts: dict | None) -> tuple[int, int, torch.Tensor]:
@@ -388,7 +342,7 @@ class MixedLoraLinear(nn.Module):
                                     self.selection.layouts)
 
     def _fused_runs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """The layer's whole output as `_FusedRuns` (training on rows in a few runs of one adapter each), or
+        """The layer's whole output from `_LoraRuns` (training on rows in a few runs of one adapter each), or
         None where that path does not apply: rows repeated by generate, dropout in a slot of the batch, a
         cast, hooks or autocast, a base layer that is not a plain Linear / Conv1D (quantized, say)."""
         layer = self.base_layer
@@ -400,7 +354,8 @@ class MixedLoraLinear(nn.Module):
         if runs is None or (self.training and any(float(self.dropout[slot]) > 0 for slot, _, _ in runs)):
             return None
         weight_rows = layer.weight if isinstance(layer, nn.Linear) else layer.weight.T  # Conv1D stores (in, out)
-        return _FusedRuns.apply(x, weight_rows, layer.bias, self.lora_A, self.lora_B, self.scaling, runs)
+        output = _LoraRuns.apply(x, weight_rows, layer.bias, None, self.lora_A, self.lora_B, self.scaling, runs)
+        return output.view(*x.shape[:-1], self.out_features)
 
     def _merging_pays(self, x: torch.Tensor) -> bool:
         if type(self.base_layer) is not nn.Linear or x.dtype != self.lora_A.dtype or torch.is_grad_enabled() or self.training:
