@@ -19,7 +19,7 @@ import torch
 
 from peftkit import io, zoo
 from peftkit import quantize as quantization
-from peftkit.config import PeftConfig
+from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapter import BottleneckConfig
@@ -258,10 +258,10 @@ def load_run(folder: str | os.PathLike, model: str | None = None):
     if not folder.is_dir():
         raise PeftkitError(f"{folder} is not a folder; give the adapter folder written by `peftkit train` (runs/NAME/adapter)")
     info = read_run_info(folder)
-    base_name = model or info.get("model") or _base_in_adapter_config(folder)
     if info.get("full_finetune"):
         classifier, tokenizer = zoo.load_classifier(folder, num_labels=len(info["label_names"]), id2label=info["label_names"])
         return classifier.eval(), tokenizer, info
+    base_name = model or info.get("model") or _base_in_adapter_config(folder)
     if base_name is None:
         raise PeftkitError(
             f"{folder} does not say which base model it adapts (no {RUN_INFO_NAME}); pass --model NAME_OR_FOLDER"
@@ -283,14 +283,10 @@ def _base_in_adapter_config(folder: Path) -> str | None:
     """adapter_config.json's base_model_name_or_path where it names a model here (a peftkit model or a folder).
 
     Adapters saved outside `peftkit train` (MixedLoraModel.save_adapter, peft) have no peftkit_run.json."""
-    path = folder / io.CONFIG_NAME
-    try:
-        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    if not (folder / io.CONFIG_NAME).is_file():
         return None
-    if not isinstance(name, str) or not name:
-        return None
-    return name if name in zoo.list_models() or Path(name, "config.json").is_file() else None
+    name = load_config(folder).base_model_name_or_path
+    return name if name and (name in zoo.list_models() or Path(name, "config.json").is_file()) else None
 
 
 def quantize_like_run(base, info: dict[str, Any], task_type: str | None = None) -> None:
