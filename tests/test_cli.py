@@ -95,6 +95,8 @@ def test_real_minilm_train_eval_predict_inspect_merge(tmp_path):
     assert evaluation["examples"] == 64 and 0.0 <= evaluation["accuracy"] <= 1.0
     inspect = json.loads(peftkit("inspect", adapter, "--json").stdout)
     assert inspect["peft_type"] == "LORA" and "bert.encoder.layer.0.attention.self.query" in inspect["modules"]
+    # the built-in model by its name, not a path inside this environment: the adapter works on another machine
+    assert inspect["base_model"] == "minilm"
     merged = tmp_path / "merged"
     peftkit("merge", adapter, "--output", merged)
     texts = ["a gripping , funny and moving film", "dull , lifeless and far too long"]

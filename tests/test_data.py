@@ -13,6 +13,9 @@ from peftkit.errors import PeftkitError
 from peftkit.train.data import (
     Example,
     PaddingCollator,
+    TaskData,
+    hold_out_validation,
+    with_validation,
     length_grouped_order,
     load_task_path,
     tokenize_examples,
@@ -117,6 +120,37 @@ def test_missing_csv_column_names_the_header(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("sentence,y\na,0\n", encoding="utf-8")
     assert f"{path} line 1 (the header): no column 'text'" in error_of(path)
+
+
+def test_csv_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes("text,label\ngood,1\nfine,1\n".encode() + "caf\xe9 au lait,0\n".encode("latin-1"))
+    assert f"{path} line 4: not UTF-8 text" in error_of(path)
+
+
+def test_held_out_validation_is_stratified_seeded_and_disjoint():
+    examples = [Example(f"text {i}", 0 if i < 80 else 1 if i < 95 else 2) for i in range(97)]
+    data = TaskData("t", ["a", "b", "c"], train=examples)
+    split = hold_out_validation(data, 0.1)
+    counts = {label: sum(e.label == label for e in split.validation) for label in range(3)}
+    assert counts == {0: 8, 1: 2, 2: 1}  # round(10% of 80), round(10% of 15), at least one of 2
+    assert sorted(e.text for e in split.train + split.validation) == sorted(e.text for e in examples)
+    assert not {e.text for e in split.train} & {e.text for e in split.validation}
+    assert [e.text for e in hold_out_validation(data, 0.1).validation] == [e.text for e in split.validation]
+    assert [e.text for e in hold_out_validation(data, 0.1, seed=1).validation] != [e.text for e in split.validation]
+    order = [examples.index(e) for e in split.train]
+    assert order == sorted(order), "the file's order is kept"
+
+
+def test_held_out_validation_refuses_what_cannot_work():
+    data = TaskData("t", ["a", "b"], train=[Example("x", 0), Example("y", 1)])
+    with pytest.raises(PeftkitError, match="too few to hold out"):
+        hold_out_validation(data, 0.1)
+    with pytest.raises(PeftkitError, match="between 0 and 1"):
+        hold_out_validation(data, 1.5)
+    own = TaskData("t", ["a", "b"], train=[Example("x", 0)] * 10, validation=[Example("v", 1)])
+    assert with_validation(own, 0.1) == (own, None)  # a task's own validation split is kept
+    assert with_validation(TaskData("t", ["a"], train=[Example("x", 0)] * 10), 0)[1] is None
 
 
 def test_csv_row_with_wrong_field_count(tmp_path):

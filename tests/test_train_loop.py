@@ -129,7 +129,7 @@ def test_training_learns_and_reports(tmp_path):
 
 
 @pytest.mark.parametrize("kills", [(12,), (17, 6)], ids=["kill-in-epoch-1", "kill-twice-epoch-2"])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kills):
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kills, capsys):
     """Dropout is on (p=0.1), so equality needs the RNG restored as well as the weights."""
     reference_model = TinyClassifier()
     train(reference_model, TRAIN, EVAL, arguments(tmp_path, "uninterrupted", save_steps=5), collate)
@@ -144,9 +144,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kills):
     state = ckpt.read_state(latest)["progress"]
     assert state["batch_in_epoch"] > 0, "the test should resume in the middle of an epoch"
 
+    capsys.readouterr()
+    resumed_step = state["step"]
     result = train(model, TRAIN, EVAL, arguments(tmp_path, "killed", save_steps=5, resume=True), collate)
 
     assert result.resumed_from == str(latest)
+    # the console says so, with the step it continues from
+    assert f"resumed from {latest} at step {resumed_step} of " in capsys.readouterr().out
     assert_same_tensors(trainable_state(model), trainable_state(reference_model))
 
     def last_checkpoint(name):

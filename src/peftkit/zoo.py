@@ -483,7 +483,15 @@ def load_classifier(
     found = [f"{len(keys)} {what}: {keys[:5]}" for what, keys in problems.items() if keys]
     if found:
         warnings.warn(f"loading {folder}: " + "; ".join(found), stacklevel=2)
+    _name_builtin(model, name_or_path)
     return model, tokenizer
+
+
+def _name_builtin(model, name_or_path) -> None:
+    """A built-in model is named by its peftkit name, not by the folder inside this environment it was read
+    from, so adapter_config.json's base_model_name_or_path holds a name that works on another machine too."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
+        model.config._name_or_path = name_or_path
 
 
 def load_causal_lm(name_or_path: str | Path, seed: int | None = None, dtype: torch.dtype = torch.float32):
@@ -540,6 +548,7 @@ def load_causal_lm(name_or_path: str | Path, seed: int | None = None, dtype: tor
     found = [f"{len(keys)} {what}: {keys[:5]}" for what, keys in problems.items() if keys]
     if found:
         warnings.warn(f"loading {folder}: " + "; ".join(found), stacklevel=2)
+    _name_builtin(model, name_or_path)
 
     if tokenizer.pad_token is None:
         # Reusing an existing token keeps the embedding matrix (and any adapter on it) unchanged.

@@ -7,13 +7,26 @@
 Pieces: `cache` (adapter directory + two-tier LRU cache: memory under a byte budget, model slots),
 `batching` (bounded queue, dynamic batches, one worker thread), `inference` (what a batch does on the
 mixed-adapter model), `server` (sizing the model for the adapters, request limits), `app` (HTTP),
-`metrics` (Prometheus text), `command` (the CLI subcommand).
+`metrics` (Prometheus text). The command line is peftkit.cli.serve.
+
+Only `app` needs the serve extra (FastAPI, uvicorn); the names are imported when first used, so the
+rest of peftkit (and `peftkit serve --help`) works on a core install.
 """
 
-from peftkit.serve.app import create_app, run
-from peftkit.serve.batching import BatchError, DynamicBatcher, QueueFullError, Request
-from peftkit.serve.cache import AdapterCache, AdapterDirectory
-from peftkit.serve.server import AdapterServer, ServeSettings, load_server
+import importlib
+
+_HOMES = {
+    "create_app": "app", "run": "app",
+    "BatchError": "batching", "DynamicBatcher": "batching", "QueueFullError": "batching", "Request": "batching",
+    "AdapterCache": "cache", "AdapterDirectory": "cache",
+    "AdapterServer": "server", "ServeSettings": "server", "load_server": "server",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'peftkit.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"peftkit.serve.{_HOMES[name]}"), name)
 
 __all__ = ["AdapterCache", "AdapterDirectory", "AdapterServer", "BatchError", "DynamicBatcher", "QueueFullError",
            "Request", "ServeSettings", "create_app", "load_server", "run"]

@@ -26,7 +26,12 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import FastAPI
+from peftkit.extras import require
+
+require("fastapi", "peftkit serve (the HTTP API)")
+require("uvicorn", "peftkit serve (the HTTP API)")
+
+from fastapi import FastAPI  # noqa: E402  (after the check above, which names the extra to install)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field

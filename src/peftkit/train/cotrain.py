@@ -46,12 +46,14 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.mixed import MixedLoraModel
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES
-from peftkit.train.data import PaddingCollator, length_grouped_order, tokenize_examples
+from peftkit.train.data import (
+    DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, length_grouped_order, tokenize_examples, with_validation,
+)
 from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config
 from peftkit.train.loop import _lr_multiplier, _peak_rss_mb
 
 __all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
-           "cotrain_from_cli", "describe", "plan_epoch", "task_epoch_batches", "task_name"]
+           "describe", "plan_epoch", "task_epoch_batches", "task_name"]
 
 METRICS_FILENAME = "metrics.json"
 CHECKPOINT_DIRNAME = "checkpoint"
@@ -374,6 +376,8 @@ def cotrain_classifiers(
     text_column: str = "text",
     label_column: str = "label",
     seed: int = 0,
+    validation_fraction: float | None = DEFAULT_VALIDATION_FRACTION,
+    log=None,
 ) -> CotrainResult:
     """Train one LoRA adapter per task in a single run over mixed batches; save each task's best adapter.
 
@@ -381,6 +385,7 @@ def cotrain_classifiers(
     LoRA config of every adapter (default: the single-task job's, `method_config("lora")`); training:
     CotrainArguments fields (epochs, batch_size, learning_rate, patience, ...). Returns a CotrainResult;
     `<output_dir>/<task name>/` holds each task's adapter, loadable as a single-task run's adapter.
+    A task without a validation split gets one held out of its train split, as in train_classifier.
     """
     started = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -415,10 +420,16 @@ def cotrain_classifiers(
     if arguments.resume and not (checkpoint / _STATE_JSON).is_file():
         raise PeftkitError(f"nothing to resume: {checkpoint} holds no checkpoint; start without --resume")
 
-    loaded = [zoo.load_task(s, text_column=text_column, label_column=label_column) for s in specs]
-    for spec, data in zip(specs, loaded):
+    loaded, holdouts = [], []
+    for spec in specs:
+        data = zoo.load_task(spec, text_column=text_column, label_column=label_column)
         if not data.train:
             raise PeftkitError(f"task {spec!r} has no training examples")
+        data, holdout = with_validation(data, validation_fraction)
+        if holdout and log is not None:
+            log(describe_holdout(spec, holdout))
+        loaded.append(data)
+        holdouts.append(holdout)
     max_labels = max(len(d.label_names) for d in loaded)
     base, tokenizer = zoo.load_classifier(model, num_labels=2, seed=seed)
     base.to(PartialState().device)  # the accelerator Accelerate would pick (CPU here; the GPU path is untested)
@@ -449,8 +460,9 @@ def cotrain_classifiers(
     run_info = {t.name: {"model": model_id, "task": t.spec if t.spec in zoo.list_tasks() else str(Path(t.spec).resolve()),
                          "method": "lora", "label_names": t.label_names, "max_length": max_length,
                          "text_column": text_column, "label_column": label_column, "full_finetune": False,
-                         "cotrained_with": [u.name for u in task_list if u is not t]}
-                for t in task_list}
+                         "cotrained_with": [u.name for u in task_list if u is not t],
+                         "validation_holdout": holdout}
+                for t, holdout in zip(task_list, holdouts)}
     trainer = _Cotrainer(mixed, task_list, arguments, PaddingCollator(tokenizer), output_dir, run_info)
     return trainer.run(started, model=str(model))
 
@@ -488,6 +500,8 @@ class _Cotrainer:
         plans = [self._plan(e) for e in range(self.epochs)]
         total_passes = sum(len(p) for p in plans)
         done_passes = sum(len(p) for p in plans[:self.epoch]) + self.pass_in_epoch
+        if resumed_from is not None:
+            print(f"resumed from {resumed_from} at pass {done_passes} of {total_passes} (epoch {self.epoch + 1})", flush=True)
         bar = tqdm(total=total_passes, initial=done_passes, desc="co-train", unit="pass", dynamic_ncols=True) if args.progress else None
         self._bar = bar
         pass_times: list[float] = []
@@ -735,42 +749,3 @@ def describe(result: CotrainResult) -> list[tuple[str, str]]:
     rows.append(("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)"))
     rows.append(("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MiB"))
     return rows
-
-
-def cotrain_from_cli(args, method_options: Mapping[str, Any], print_rows) -> int:
-    """`peftkit train --task a,b,...`: the co-training run for the parsed train arguments."""
-    from peftkit.config import load_config
-
-    specs = [part.strip() for part in args.task.split(",") if part.strip()]
-    if args.method != "lora":
-        raise PeftkitError(f"co-training (several tasks in --task) trains LoRA adapters only, got --method {args.method}: "
-                           f"use --method lora, or train each task on its own (peftkit train --task {specs[0]} ...)")
-    refused = {"--max-steps": args.max_steps is not None, "--max-minutes": getattr(args, "max_minutes", None) is not None,
-               "--grad-accum": args.grad_accum != 1, "--mixed-precision": args.mixed_precision != "no",
-               "--gradient-checkpointing": args.gradient_checkpointing, "--packing": args.packing,
-               "--quantize": getattr(args, "quantize", None) not in (None, "none")}
-    refused = [flag for flag, given in refused.items() if given]
-    if refused:
-        raise PeftkitError(f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply to co-training (several tasks "
-                           "in --task); its length is set with --epochs")
-    if zoo.model_kind(args.model) != "encoder":
-        raise PeftkitError(f"co-training trains classifiers on an encoder model; {args.model} is a causal LM")
-    config = load_config(args.config) if args.config else None
-    model_label = Path(args.model).name if os.sep in args.model else args.model
-    output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{'+'.join(task_name(s) for s in specs)}-lora")
-    training = dict(epochs=args.epochs if args.epochs is not None else 2, batch_size=args.batch_size or 32,
-                    weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler,
-                    max_grad_norm=args.max_grad_norm or None, resume=args.resume, seed=args.seed,
-                    progress=not args.no_progress, patience=getattr(args, "patience", None),
-                    evals_per_epoch=getattr(args, "evals_per_epoch", None) or 1)
-    if args.lr is not None:
-        training["learning_rate"] = args.lr
-    if args.save_steps is not None:
-        training["save_steps"] = args.save_steps
-    print(f"peftkit train: co-training lora on {args.model} / {', '.join(specs)} -> {output_dir}", flush=True)
-    result = cotrain_classifiers(args.model, specs, output_dir, config=config, method_options=method_options,
-                                 training=training, max_length=args.max_length or 128,
-                                 max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
-                                 text_column=args.text_column, label_column=args.label_column, seed=args.seed)
-    print_rows(describe(result))
-    return 0

@@ -206,6 +206,17 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> _RawSplit:
     return split
 
 
+def _first_non_utf8_line(path: Path) -> int:
+    """The number of the first line of `path` that is not UTF-8 (the text reader only knows the byte offset)."""
+    with open(path, "rb") as file:
+        for number, raw_line in enumerate(file, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
+
+
 def _read_delimited(path: Path, delimiter: str, text_column: str, label_column: str) -> _RawSplit:
     split = _RawSplit(source=str(path), unit="line")
     try:
@@ -231,7 +242,8 @@ def _read_delimited(path: Path, delimiter: str, text_column: str, label_column: 
                     )
                 split.add(row[text_index], _normalize_label(row[label_index], where), reader.line_num)
     except UnicodeDecodeError as error:
-        raise PeftkitError(f"{path}: not UTF-8 text ({error.reason}); save the file as UTF-8") from None
+        raise PeftkitError(f"{path} line {_first_non_utf8_line(path)}: not UTF-8 text ({error.reason}); "
+                           "save the file as UTF-8") from None
     except csv.Error as error:
         kind = "CSV" if delimiter == "," else "TSV"
         raise PeftkitError(f"{path}: not a readable {kind} file ({error})") from None
@@ -479,6 +491,69 @@ def load_task_path(path: str | Path, text_column: str = "text", label_column: st
     label_names = read_label_names(meta_path) if meta_path.is_file() else None
     raw = {split: _read_data_file(file, text_column, label_column) for split, file in split_files.items()}
     return _build_task(path.name, raw, label_names, names_from=f"the labels of {meta_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A validation split for a task that has none
+
+# The held-out part is drawn with this seed whatever the run's seed, so runs with other seeds, other
+# methods (peftkit compare) and `peftkit eval` later all score on the same examples.
+VALIDATION_SPLIT_SEED = 0
+DEFAULT_VALIDATION_FRACTION = 0.1
+
+
+def hold_out_validation(data: TaskData, fraction: float, seed: int = VALIDATION_SPLIT_SEED) -> TaskData:
+    """`data` with a seeded, stratified part of its train split moved to a new validation split.
+
+    Each class gives round(fraction x its count) examples, at least one where it has two or more, so
+    every class with a second example is scored. Both parts keep the file's order. The same
+    (fraction, seed) on the same file gives the same split.
+    """
+    if isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise PeftkitError(f"the validation fraction must be between 0 and 1 (e.g. 0.1), got {fraction!r}; "
+                           "0 holds nothing out")
+    if data.validation:
+        raise PeftkitError(f"task {data.name!r} already has a validation split; nothing to hold out")
+    train = data.train or []
+    by_label: dict[int, list[int]] = {}
+    for index, example in enumerate(train):
+        by_label.setdefault(example.label, []).append(index)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for label in sorted(by_label):
+        indices = list(by_label[label])
+        rng.shuffle(indices)
+        count = round(fraction * len(indices))
+        if count == 0 and len(indices) >= 2:
+            count = 1
+        held.update(indices[:count])
+    if not held or len(held) == len(train):
+        raise PeftkitError(f"task {data.name!r} has {len(train)} training examples, too few to hold out "
+                           f"{fraction:g} of them for validation; add examples, or pass --validation-fraction 0")
+    return TaskData(
+        name=data.name, label_names=data.label_names,
+        train=[example for index, example in enumerate(train) if index not in held],
+        validation=[example for index, example in enumerate(train) if index in held],
+        test=data.test,
+    )
+
+
+def with_validation(data: TaskData, fraction: float | None) -> tuple[TaskData, dict | None]:
+    """The task with a validation split: its own, or (fraction > 0) one held out of its train split.
+
+    Returns (task, holdout) where holdout is None, or {"fraction", "seed", "examples"} to record in
+    the run so that evaluation later rebuilds the same split."""
+    if data.validation or not fraction:
+        return data, None
+    split = hold_out_validation(data, fraction)
+    return split, {"fraction": fraction, "seed": VALIDATION_SPLIT_SEED, "examples": len(split.validation)}
+
+
+def describe_holdout(task: str, holdout: dict) -> str:
+    """The line a run prints when it held out a validation split."""
+    return (f"validation: {task} has no validation split, so {holdout['examples']} examples "
+            f"({100 * holdout['fraction']:g}% of its training examples, stratified by label, seed {holdout['seed']}) "
+            "are held out for it; --validation-fraction 0 trains on all of them")
 
 
 # ---------------------------------------------------------------------------------------------

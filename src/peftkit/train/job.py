@@ -36,7 +36,10 @@ from peftkit.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
-from peftkit.train.data import PaddingCollator, length_grouped_order, tokenize_examples
+from peftkit.train.data import (
+    DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, hold_out_validation, length_grouped_order,
+    tokenize_examples, with_validation,
+)
 from peftkit.train.loop import TrainingArguments, train
 
 RUN_INFO_NAME = "peftkit_run.json"
@@ -143,6 +146,9 @@ class JobResult:
     output_dir: str
     adapter_dir: str
     quantize: str | None = None  # the frozen base's linear weights: None (float), "nf4" or "int8"
+    # Where the task had no validation split: the part of its train split held out for one
+    # ({"fraction", "seed", "examples"}), recorded in the run so that `peftkit eval` rebuilds it.
+    validation_holdout: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,12 +170,17 @@ def train_classifier(
     label_column: str = "label",
     seed: int = 0,
     quantize: str | None = None,
+    validation_fraction: float | None = DEFAULT_VALIDATION_FRACTION,
+    log=None,
 ) -> JobResult:
     """Train `method` on `task` with base `model`; save the best adapter to `output_dir/adapter`.
 
     `training` holds TrainingArguments fields (epochs, batch_size, learning_rate, ...). Returns the
     measured result (validation accuracy, trainable share, adapter size, time, peak memory).
     `quantize` ("nf4" or "int8") stores the frozen base's linear weights quantized (peftkit.quantize).
+    A task without a validation split (a single data file) gets one: `validation_fraction` of its
+    training examples, stratified and seeded (0 or None: none, and the test split is scored if any).
+    `log`, if given, is called with lines worth showing the user (the held-out split).
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -180,6 +191,9 @@ def train_classifier(
     data = zoo.load_task(task, text_column=text_column, label_column=label_column)
     if not data.train:
         raise PeftkitError(f"task {task!r} has no training examples")
+    data, holdout = with_validation(data, validation_fraction)
+    if holdout and log is not None:
+        log(describe_holdout(task, holdout))
     evaluation = data.validation or data.test
     base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
     quantized = quantization.quantize_model(base, quantize, task_type="SEQ_CLS").settings() if quantize else None
@@ -208,7 +222,7 @@ def train_classifier(
     if _is_main_process():
         save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method,
                  label_names=data.label_names, max_length=max_length, text_column=text_column,
-                 label_column=label_column, quantize=quantized)
+                 label_column=label_column, quantize=quantized, validation_holdout=holdout)
     report = wrapped.trainable_parameters_report()
     best = result.best_eval or result.final_eval or {}
     job = JobResult(
@@ -218,7 +232,7 @@ def train_classifier(
         adapter_bytes=folder_bytes(adapter_dir), wall_time_s=time.perf_counter() - started,
         train_time_s=result.wall_time_s, peak_rss_mb=result.peak_rss_mb,
         examples_per_second=result.examples_per_second, steps=result.steps,
-        output_dir=str(output_dir), adapter_dir=str(adapter_dir), quantize=quantize,
+        output_dir=str(output_dir), adapter_dir=str(adapter_dir), quantize=quantize, validation_holdout=holdout,
     )
     if _is_main_process():
         io.write_json(output_dir / "job.json", job.to_dict())
@@ -327,6 +341,9 @@ def evaluate_run(folder, task: str | None = None, split: str = "validation", mod
     same_task = task == info.get("task")
     data = zoo.load_task(task, text_column=info.get("text_column", "text") if same_task else "text",
                          label_column=info.get("label_column", "label") if same_task else "label")
+    holdout = info.get("validation_holdout") if same_task else None
+    if holdout and not data.validation:  # the split the run held out of its train file, rebuilt exactly
+        data = hold_out_validation(data, holdout["fraction"], holdout["seed"])
     examples = getattr(data, split, None)
     if not examples:
         available = [s for s in ("train", "validation", "test") if getattr(data, s, None)]

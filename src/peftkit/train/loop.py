@@ -276,6 +276,8 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
             )
         state = _Progress(**saved["progress"])
         ckpt.load_trainable_into(model, resume_from / ckpt.TRAINABLE_FILENAME)
+        accelerator.print(f"resumed from {resume_from} at step {state.step} of {total_steps} (epoch {state.epoch + 1}, "
+                          f"batch {state.batch_in_epoch} of that epoch)", flush=True)
     elif ckpt.list_checkpoints(checkpoint_root):
         raise PeftkitError(
             f"{checkpoint_root} already holds checkpoints of an earlier run. Pass resume=True (peftkit train --resume) to continue "

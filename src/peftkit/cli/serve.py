@@ -1,31 +1,14 @@
-"""`peftkit serve`: the command-line front of peftkit.serve (registered by peftkit.cli)."""
+"""`peftkit serve`: one base model and a folder of LoRA adapters over HTTP (needs the serve extra to run)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-def _byte_count(text: str) -> int:
-    """'256MiB', '1.5GB', '0' or a plain number of bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            number = lowered[: -len(unit)].strip()
-            break
-    else:
-        number, factor = lowered, 1
-    try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB, 1GB or 1000000, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
-    return int(value * factor)
+from peftkit.cli.options import DefaultsHelpFormatter, byte_count
+from peftkit.errors import PeftkitError
 
 
-def add_serve_parser(commands, formatter_class=argparse.HelpFormatter) -> None:
+def add_parsers(commands) -> None:
     from peftkit import zoo
     from peftkit.serve.server import ServeSettings
 
@@ -36,7 +19,7 @@ def add_serve_parser(commands, formatter_class=argparse.HelpFormatter) -> None:
                     "each (what peftkit train writes to <run>/adapter, or whole run folders). Classification models answer "
                     "POST /v1/classify; causal LMs answer OpenAI-compatible /v1/completions and /v1/chat/completions with "
                     "model = adapter name. Requests for different adapters that arrive together run as one batch.",
-        formatter_class=formatter_class,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
     parser.add_argument("--adapters", required=True, help="folder with one subfolder per adapter")
@@ -54,7 +37,7 @@ def add_serve_parser(commands, formatter_class=argparse.HelpFormatter) -> None:
                           help="each batch holds requests for one adapter only (for comparison)")
     cache = parser.add_argument_group("adapter cache")
     cache.add_argument("--capacity", type=int, default=None, help="adapter slots in the model (default: adapters found, at most 16)")
-    cache.add_argument("--cache-bytes", type=_byte_count, default=defaults.cache_bytes,
+    cache.add_argument("--cache-bytes", type=byte_count, default=defaults.cache_bytes,
                        help="adapters kept in memory after reading from disk, e.g. 256MiB (0 = re-read on every slot miss)")
     cache.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank servable (default: the largest found)")
     cache.add_argument("--max-labels", type=int, default=None, help="most classes an adapter may have (default: the most found)")
@@ -64,15 +47,18 @@ def add_serve_parser(commands, formatter_class=argparse.HelpFormatter) -> None:
     limits.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text for classification (truncated)")
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")
     limits.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
-    limits.add_argument("--max-body-bytes", type=_byte_count, default=defaults.max_body_bytes)
+    limits.add_argument("--max-body-bytes", type=byte_count, default=defaults.max_body_bytes)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: torch's, one per core); 1 is faster on a busy machine")
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    parser.set_defaults(handler=serve_command)
+    parser.set_defaults(handler=_serve, command_parser=parser)
 
 
-def serve_command(args) -> int:
-    from peftkit.errors import PeftkitError
+def _serve(args) -> int:
+    from peftkit.extras import require
+
+    require("fastapi", "peftkit serve")  # before loading the model: the missing extra is named at once
+    require("uvicorn", "peftkit serve")
     from peftkit.serve.app import run
     from peftkit.serve.server import load_server, settings_from
 

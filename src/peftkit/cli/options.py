@@ -1,0 +1,93 @@
+"""What several commands share: the help formatter, option parsers, and how results are printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a real default the help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def target_modules(text: str) -> str | list[str]:
+    """'all-linear' and regexes stay strings; 'query,value' becomes a list of names."""
+    if text == "all-linear" or any(c in text for c in "*()[]|^$+?\\"):
+        return text
+    return comma_list(text)
+
+
+def byte_count(text: str) -> int:
+    """'256MiB', '1.5GB', '0' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            number = lowered[: -len(unit)].strip()
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB, 1GB or 1000000, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value * factor)
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def print_rows(rows) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def is_causal_run(folder: str) -> bool:
+    """A run of the instruction-tuning job, or a peft adapter made for a causal LM."""
+    from peftkit.train.job import read_run_info
+
+    if read_run_info(folder).get("kind") == "causal":
+        return True
+    config = Path(folder) / "adapter_config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("task_type") == "CAUSAL_LM"
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def empty_output_folder(path: str, option: str = "--output") -> Path:
+    """The folder a command will write, refused when it already holds something."""
+    from peftkit.errors import PeftkitError
+
+    output = Path(path)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise PeftkitError(f"{output} exists and is not empty; choose a new {option} folder")
+    return output
