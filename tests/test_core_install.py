@@ -13,9 +13,10 @@ import textwrap
 
 import pytest
 
-# Every package that is an extra of peftkit (pyproject.toml) or only a test / benchmark dependency.
-OPTIONAL_PACKAGES = ("fastapi", "uvicorn", "starlette", "httpx", "peft", "datasets", "trl", "tensorboard", "mlflow",
-                     "wandb", "hypothesis", "psutil", "pytest")
+# Every package that is an extra of peftkit (pyproject.toml) or only a test / benchmark dependency and that
+# no core dependency brings (httpx and psutil come with huggingface-hub and accelerate, so they are left out).
+OPTIONAL_PACKAGES = ("fastapi", "uvicorn", "starlette", "peft", "datasets", "trl", "tensorboard", "mlflow", "wandb",
+                     "hypothesis", "pytest")
 
 
 def peftkit_without_extras(*args, timeout=600):
