@@ -1,19 +1,45 @@
 """Prefix tuning: trained keys and values in every attention layer, checked against the real peft package."""
 
+import inspect
 import json
 
 import peft
 import pytest
 import torch
+import transformers
 from conftest import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from packaging.version import Version
 from safetensors.torch import load_file
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, DynamicCache, LlamaForCausalLM
 
 from peftkit import PeftkitError, PeftModel, PrefixTuningConfig, get_peft_model
-from peftkit.methods.prefix import KeyValuePrefix
+from peftkit.methods.prefix import CACHE_ARGUMENTS, KeyValuePrefix, cache_argument
 
 TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
 PROJECTION = {"table": dict(num_virtual_tokens=4), "projection": dict(num_virtual_tokens=3, prefix_projection=True)}
+
+# transformers 5.24 renamed the models' key/value cache argument from past_key_values to cache (the old name
+# is still taken, through a deprecation shim that drops it when cache is given too). peft 0.21.2, the newest
+# release, still checks forward signatures for past_key_values and reads generate's step inputs under that
+# name; peftkit passes whichever name the model takes. Until a peft release handles the new name, peft's own
+# prefix tuning fails on such a transformers in the two ways marked below.
+_PEFT_MISSES_CACHE_RENAME = (
+    Version(peft.__version__) <= Version("0.21.2") and Version(transformers.__version__) >= Version("5.24")
+)
+_PEFT_VERSIONS = f"peft {peft.__version__} with transformers {transformers.__version__}"
+peft_refuses_bert = pytest.mark.xfail(
+    condition=_PEFT_MISSES_CACHE_RENAME, raises=ValueError, strict=True,
+    reason=f"{_PEFT_VERSIONS}: peft's sequence-classification forward looks for past_key_values in "
+           "BertModel.forward's signature, finds cache, and raises 'Model does not support past key values'",
+)
+peft_generate_drops_its_prefix = pytest.mark.xfail(
+    condition=_PEFT_MISSES_CACHE_RENAME, raises=AssertionError, strict=True,
+    reason=f"{_PEFT_VERSIONS}: peft's prepare_inputs_for_generation adds its prefix as past_key_values next to "
+           "generate's own (empty) cache, and transformers keeps cache and drops past_key_values, so peft "
+           "generates without its prefix",
+)
+# The families run through peft's prefix model too; BERT's is marked for the first limitation above.
+FAMILIES_PEFT_RUNS = [pytest.param(family, marks=peft_refuses_bert) if family == "bert" else family for family in TASKS]
 
 
 def config_kwargs(family, variant, **changes):
@@ -62,7 +88,7 @@ def test_parameter_counts_equal_peft(family, variant):
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-@pytest.mark.parametrize("family", list(TASKS))
+@pytest.mark.parametrize("family", FAMILIES_PEFT_RUNS)
 @pytest.mark.parametrize("variant", list(PROJECTION))
 def test_peftkit_adapter_loads_in_peft(family, variant, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), PrefixTuningConfig(**config_kwargs(family, variant)))
@@ -80,7 +106,7 @@ def test_peftkit_adapter_loads_in_peft(family, variant, tmp_path, input_ids):
         assert saved[field] == getattr(prefix, field), field
 
 
-@pytest.mark.parametrize("family", list(TASKS))
+@pytest.mark.parametrize("family", FAMILIES_PEFT_RUNS)
 @pytest.mark.parametrize("variant", list(PROJECTION))
 def test_peft_adapter_loads_in_peftkit(family, variant, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.PrefixTuningConfig(**config_kwargs(family, variant)))
@@ -269,6 +295,7 @@ def test_generate_equals_greedy_decoding_without_cache(family, input_ids):
     assert not torch.allclose(base_logits, _logits(model, input_ids=input_ids)[:, -1], atol=1e-3)  # the prefix matters
 
 
+@peft_generate_drops_its_prefix
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_generate_equals_peft_generate(family, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
@@ -283,13 +310,62 @@ def test_generate_equals_peft_generate(family, tmp_path, input_ids):
     assert got.tolist() == expected.tolist()
 
 
-def test_manual_decoding_with_the_returned_cache(input_ids):
-    # A cache returned by an earlier call holds the prefix already and is used as it is.
+@pytest.mark.parametrize("name", CACHE_ARGUMENTS)
+def test_manual_decoding_with_the_returned_cache(name, input_ids):
+    # A cache returned by an earlier call holds the prefix already and is used as it is, under either name.
     model = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4))
     with torch.no_grad():
         first = model(input_ids=input_ids[:, :6], use_cache=True)
-        step = model(input_ids=input_ids[:, 6:7], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+        returned = first["cache"] if "cache" in first else first["past_key_values"]  # its name from 5.24 on
+        step = model(input_ids=input_ids[:, 6:7], **{name: returned}, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, _logits(model, input_ids=input_ids[:, :7])[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(PeftkitError, match="both past_key_values and cache"):
+        model(input_ids=input_ids[:, 6:7], past_key_values=returned, cache=returned)
+
+
+# -- either name of the cache argument -------------------------------------------------------------
+# Models of transformers >= 5.24 take the cache as `cache`, earlier ones as `past_key_values`. These two
+# tiny Llamas declare one name each and hand the cache on under the name this transformers uses, so
+# whichever transformers runs the tests, prefix tuning is tried with both.
+
+def _forward_under_native_name(forward, cache, **inputs):
+    assert not set(CACHE_ARGUMENTS) & inputs.keys(), "the cache came under the name this model does not take"
+    native = next(name for name in CACHE_ARGUMENTS if name in inspect.signature(forward).parameters)
+    return forward(**inputs, **{native: cache})
+
+
+class LlamaTakingCache(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        return _forward_under_native_name(super().forward, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, **kwargs)
+
+
+class LlamaTakingPastKeyValues(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        return _forward_under_native_name(super().forward, past_key_values, input_ids=input_ids,
+                                          attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+@pytest.mark.parametrize("model_class, name", [(LlamaTakingCache, "cache"), (LlamaTakingPastKeyValues, "past_key_values")])
+def test_prefix_reaches_a_model_under_the_name_its_forward_takes(model_class, name, input_ids):
+    reference = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4))
+    _randomise(reference)
+    plain = reference.base_model
+    renamed = model_class(plain.config).eval()
+    renamed.load_state_dict(plain.state_dict())
+    assert cache_argument(renamed) == name
+    model = get_peft_model(renamed, PrefixTuningConfig(num_virtual_tokens=4))
+    model.model_adapters["default"].load_state_dict(reference.model_adapters["default"].state_dict())
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    torch.testing.assert_close(_logits(model, input_ids=input_ids, attention_mask=mask),
+                               _logits(reference, input_ids=input_ids, attention_mask=mask), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        settings = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert model.generate(**settings).tolist() == reference.generate(**settings).tolist()
+    for argument in CACHE_ARGUMENTS:
+        with pytest.raises(PeftkitError, match=f"do not pass {argument}"):
+            model.generate(input_ids=input_ids, max_new_tokens=2, **{argument: DynamicCache()})
 
 
 # -- what prefix tuning cannot do -------------------------------------------------------------------

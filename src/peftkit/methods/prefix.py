@@ -4,8 +4,10 @@ Each attention layer attends to `num_virtual_tokens` extra positions whose keys 
 trained; the base model's weights and its real tokens stay as they are. The prefix for all layers
 is one table of shape (num_virtual_tokens, num_layers * 2 * token_dim): per layer a key and a value
 of (num_key_value_heads, head_dim) for each virtual token. It reaches the model as an already filled
-key/value cache (`past_key_values`), which is how Hugging Face `peft` does it, so the real tokens sit
-at positions num_virtual_tokens, num_virtual_tokens + 1, ... exactly as in peft.
+key/value cache, which is how Hugging Face `peft` does it, so the real tokens sit at positions
+num_virtual_tokens, num_virtual_tokens + 1, ... exactly as in peft. The cache argument is called
+`past_key_values` up to transformers 5.23 and `cache` from 5.24 on (the old name is deprecated there);
+the prefix is passed under whichever name the model's forward declares.
 
 With `prefix_projection=True` the table is produced by a small network during training (virtual
 token embeddings -> Linear -> Tanh -> Linear), which trains more stably; files hold only the table
@@ -153,29 +155,32 @@ class KeyValuePrefix(ModelAdapter):
 
     # -- running the model -------------------------------------------------------------------------
     def forward(self, model: nn.Module, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
         """Run `model` with the prefix in every attention layer.
 
         The attention mask gets num_virtual_tokens ones in front; given position ids are shifted by
         num_virtual_tokens (as peft does), otherwise the model counts positions on from the prefix.
-        A non-empty `past_key_values` is taken to come from an earlier call (it holds the prefix already).
+        A non-empty cache (`past_key_values`, or `cache` as transformers >= 5.24 calls it) is taken to
+        come from an earlier call (it holds the prefix already).
         """
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is None:
             raise PeftkitError("prefix tuning needs input_ids or inputs_embeds to know the batch size")
-        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
-        cache = self.key_value_cache(inputs.shape[0], _dtype_of(model)) if fresh else past_key_values
+        given = _one_cache(past_key_values, cache)
+        fresh = given is None or given.get_seq_length() == 0
+        cache = self.key_value_cache(inputs.shape[0], _dtype_of(model)) if fresh else given
         if position_ids is not None:
             position_ids = position_ids + self.num_virtual_tokens
         arguments = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                          attention_mask=self._with_prefix_mask(attention_mask))
         arguments = {key: value for key, value in arguments.items() if value is not None}
-        output = model(**arguments, past_key_values=cache, **kwargs)
+        cache_name = cache_argument(model)
+        output = model(**arguments, **{cache_name: cache}, **kwargs)
         if fresh and inputs.shape[1] > 0 and cache.get_seq_length() <= self.num_virtual_tokens:
             # Every attention layer appends its own keys to the cache; if none did, the prefix was ignored.
             raise PeftkitError(
                 f"{type(model).__name__} ran without using the key/value prefix (its attention layers never read "
-                "past_key_values; gradient checkpointing in training mode does this): prefix tuning cannot work here"
+                f"{cache_name}; gradient checkpointing in training mode does this): prefix tuning cannot work here"
             )
         return output
 
@@ -188,13 +193,15 @@ class KeyValuePrefix(ModelAdapter):
         """
         if not hasattr(model, "generate"):
             raise PeftkitError(f"{type(model).__name__} has no generate(); it is not a generative model")
-        if kwargs.get("past_key_values") is not None:
-            raise PeftkitError("prefix tuning fills generate's key/value cache itself; do not pass past_key_values")
+        for name in CACHE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise PeftkitError(f"prefix tuning fills generate's key/value cache itself; do not pass {name}")
         prepare = model.prepare_inputs_for_generation
         replaced = vars(model).get("prepare_inputs_for_generation")
+        cache_name = cache_argument(model)
 
         def prepare_with_prefix(*args, **kwargs):
-            return self._add_prefix_to_step(prepare(*args, **kwargs), model)
+            return self._add_prefix_to_step(prepare(*args, **kwargs), model, cache_name)
 
         model.prepare_inputs_for_generation = prepare_with_prefix
         try:
@@ -205,20 +212,24 @@ class KeyValuePrefix(ModelAdapter):
             else:
                 model.prepare_inputs_for_generation = replaced
 
-    def _add_prefix_to_step(self, step_inputs: dict, model: nn.Module) -> dict:
+    def _add_prefix_to_step(self, step_inputs: dict, model: nn.Module, cache_name: str) -> dict:
+        """One generation step's model inputs with the prefix in: the cache, under `cache_name` (the
+        name the model's forward takes), is the prefix while it is empty; mask and positions are shifted."""
         from transformers import DynamicCache
 
         inputs = step_inputs.get("input_ids")
         if inputs is None:
             inputs = step_inputs["inputs_embeds"]
-        cache = step_inputs.get("past_key_values")
+        # transformers puts the step's cache under the name its generate uses (`cache` from 5.24 on).
+        cache = _one_cache(*(step_inputs.pop(name, None) for name in CACHE_ARGUMENTS))
         if cache is None or cache.get_seq_length() == 0:
             if cache is not None and not isinstance(cache, DynamicCache):
                 raise PeftkitError(
                     f"prefix tuning generates with the dynamic key/value cache only, not {type(cache).__name__}; "
                     "leave cache_implementation unset"
                 )
-            step_inputs["past_key_values"] = self.key_value_cache(inputs.shape[0], _dtype_of(model))
+            cache = self.key_value_cache(inputs.shape[0], _dtype_of(model))
+        step_inputs[cache_name] = cache
         if step_inputs.get("attention_mask") is not None:
             step_inputs["attention_mask"] = self._with_prefix_mask(step_inputs["attention_mask"])
         if step_inputs.get("position_ids") is not None:
@@ -248,12 +259,54 @@ def _dtype_of(model: nn.Module) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def _one_cache(past_key_values, cache):
+    """The key/value cache given under either name (None if neither); both at once is an error."""
+    if past_key_values is not None and cache is not None:
+        raise PeftkitError("got both past_key_values and cache, two names for the same key/value cache; pass one")
+    return cache if cache is not None else past_key_values
+
+
 # -- fitting the prefix to the model -----------------------------------------------------------------
-def _takes_past_key_values(function) -> bool:
+# The name of a transformers forward's key/value cache argument: `cache` from transformers 5.24 on,
+# `past_key_values` before (5.24 to 5.39 still take the old name through a deprecation shim).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def _cache_parameter(function) -> str | None:
+    """Which of CACHE_ARGUMENTS `function` declares (the new name first), or None."""
     try:
-        return "past_key_values" in inspect.signature(function).parameters
+        parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):
-        return False
+        return None
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def _backbone(model: nn.Module):
+    from transformers import PreTrainedModel
+
+    return next((child for _, child in model.named_children() if isinstance(child, PreTrainedModel)), None)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which `model`'s forward takes a key/value cache: "past_key_values" or "cache".
+
+    Read from the forward's signature, or for a model that hands extra keywords on to its backbone
+    (BERT-style classifiers in transformers 5), from the backbone's. Raises PeftkitError if neither
+    takes one.
+    """
+    name = _cache_parameter(model.forward)
+    if name is not None:
+        return name
+    backbone = _backbone(model)
+    name = _cache_parameter(backbone.forward) if backbone is not None else None
+    if name is not None and _takes_any_keyword(model.forward):
+        return name
+    where = f" nor does its backbone {type(backbone).__name__}'s" if backbone is not None else ""
+    raise PeftkitError(
+        f"prefix tuning needs a model with attention key/value caches: {type(model).__name__}'s forward takes no "
+        f"past_key_values (or cache, as transformers >= 5.24 names it){where}, so there is nowhere to put trained "
+        "keys and values. Use LoRA, IA3 or prompt tuning for this model."
+    )
 
 
 def _takes_any_keyword(function) -> bool:
@@ -267,12 +320,11 @@ def _takes_any_keyword(function) -> bool:
 def check_model_takes_prefix(model: nn.Module) -> None:
     """Raise PeftkitError unless `model` can run with a key/value cache filled in advance.
 
-    Either its forward takes `past_key_values`, or (BERT-style classifiers in transformers 5) it hands
-    extra keywords on to a backbone whose forward takes it. peft calls such a backbone and the head
-    itself; handing the cache on through the model's own forward computes the same.
+    Either its forward takes a cache (`past_key_values`, or `cache` from transformers 5.24 on), or
+    (BERT-style classifiers in transformers 5) it hands extra keywords on to a backbone whose forward
+    takes one. peft calls such a backbone and the head itself; handing the cache on through the
+    model's own forward computes the same.
     """
-    from transformers import PreTrainedModel
-
     name = type(model).__name__
     if not hasattr(getattr(model, "config", None), "to_dict"):
         raise PeftkitError(
@@ -289,16 +341,7 @@ def check_model_takes_prefix(model: nn.Module) -> None:
             f"{name} has gradient checkpointing on; the recomputed layers do not see the key/value prefix "
             "(peft refuses this too). Turn it off (model.gradient_checkpointing_disable()) for prefix tuning."
         )
-    if _takes_past_key_values(model.forward):
-        return
-    backbone = next((child for _, child in model.named_children() if isinstance(child, PreTrainedModel)), None)
-    if backbone is not None and _takes_past_key_values(backbone.forward) and _takes_any_keyword(model.forward):
-        return
-    where = f" nor does its backbone {type(backbone).__name__}'s" if backbone is not None else ""
-    raise PeftkitError(
-        f"prefix tuning needs a model with attention key/value caches: {name}'s forward takes no past_key_values"
-        f"{where}, so there is nowhere to put trained keys and values. Use LoRA, IA3 or prompt tuning for this model."
-    )
+    cache_argument(model)
 
 
 def _text_config(model_config):
