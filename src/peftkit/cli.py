@@ -118,6 +118,8 @@ def _add_train_parser(commands) -> None:
     loop.add_argument("--patience", type=int, default=None, help="co-training (several tasks): a task stops after N evaluations without gain")
     loop.add_argument("--evals-per-epoch", type=int, default=None, help="co-training (several tasks): evaluations per epoch (default 1)")
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_argument("--report-to", default="none", help="log loss, learning rate, eval metrics, examples/s and memory "
+                      "to tensorboard, mlflow or wandb (several: tensorboard,mlflow), under --output-dir; see docs/tracking.md")
     parser.set_defaults(handler=_train)
 
 
@@ -201,7 +203,7 @@ def _train(args) -> int:
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to,
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
