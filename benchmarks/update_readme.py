@@ -1,24 +1,31 @@
-"""Rewrite the README's results section from the benchmark outputs in benchmarks/results/*.json.
+"""Rewrite the results from the benchmark outputs in benchmarks/results/*.json:
+
+- docs/results.md, between its <!-- results:start --> / <!-- results:end --> markers: every benchmark's
+  full table, with the command that produced it and when;
+- README.md, between <!-- summary:start --> / <!-- summary:end -->: a short summary built from the same
+  files (figures read from their fields, never typed in), with a link to each full table.
 
     python benchmarks/update_readme.py
 
 Each results file carries the markdown table its benchmark printed ("markdown"), the command that
-produced it ("command") and when ("measured_at"); this script only assembles them, so the README
-shows exactly what the benchmarks measured.
+produced it ("command") and when ("measured_at"); this script only assembles them, so the pages show
+exactly what the benchmarks measured.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_PAGE = ROOT / "docs" / "results.md"
 ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
          "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "cotrain_passes", "interference",
-         "serve_load"]
+         "serve_load", "compile_step_time"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
@@ -35,14 +42,28 @@ TITLES = {
     "cotrain_passes": "Co-training, pass by pass: one mixed step against the same batches' separate steps",
     "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
+    "compile_step_time": "`torch.compile`: compiled and eager LoRA training step, peftkit and Hugging Face peft",
 }
 
 
-def section() -> str:
-    parts = []
+def _anchor(title: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def _results() -> list[tuple[Path, dict]]:
     files = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
-    for path in files:
-        data = json.loads(path.read_text())
+    return [(path, json.loads(path.read_text())) for path in files]
+
+
+def _compare_results() -> list[tuple[Path, dict]]:
+    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("compare_*/results.json"))]
+
+
+def full_section() -> str:
+    """Every benchmark's table, for docs/results.md."""
+    parts = []
+    for path, data in _results():
         if "markdown" not in data:
             continue
         title = TITLES.get(path.stem, path.stem)
@@ -52,24 +73,85 @@ def section() -> str:
                      f"{data['markdown'].strip()}\n{note}")
     from peftkit.bench.report import SUMMARY_PLOT, markdown_section
 
-    for path in sorted(RESULTS.glob("compare_*/results.json")):  # written by `peftkit compare --output-dir`
-        data = json.loads(path.read_text())
+    for path, data in _compare_results():  # written by `peftkit compare --output-dir`
         settings, figure = data["settings"], path.parent / SUMMARY_PLOT
-        plot = figure.relative_to(ROOT).as_posix() if figure.is_file() else None
+        plot = Path("..", figure.relative_to(ROOT)).as_posix() if figure.is_file() else None
         parts.append(f"### Methods side by side (`peftkit compare`): {settings['model']} / {settings['task']}\n\n"
                      f"{markdown_section(data['rows'], settings, plot)}")
     return "\n".join(parts) if parts else "(not measured yet)\n"
 
 
-def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- results:start -->\n)(.*?)(<!-- results:end -->)", re.S)
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def _headlines(results: dict[str, dict]) -> list[str]:
+    """One line per headline figure, each read from its results file; a file that is missing is left out."""
+    lines = []
+    link = lambda key: f"[table](docs/results.md#{_anchor(TITLES[key])})"  # noqa: E731
+    if "default_job" in results:
+        job = results["default_job"]
+        lines.append(f"- **The default job** (`peftkit train`: LoRA on minilm / sst2): {100 * job['validation_accuracy']:.2f}% "
+                     f"validation accuracy, {100 * job['trainable_share']:.2f}% of the parameters trained, a "
+                     f"{_size(job['adapter_bytes'])} adapter, {job['process_wall_time_s'] / 60:.1f} minutes on 2 CPU cores "
+                     f"({link('default_job')}).")
+    if "lora_vs_full" in results:
+        gap = results["lora_vs_full"]["gap_points"]
+        lines.append(f"- **LoRA against full fine-tuning**, same budget on sst2: {gap:.2f} points apart ({link('lora_vs_full')}).")
+    if "cotrain" in results:
+        cotrain = results["cotrain"]
+        separate = statistics.mean(v["accuracy"] for v in cotrain["separate"].values())
+        together = statistics.mean(v["accuracy"] for v in cotrain["cotrained"].values())
+        walls = [(r["separate_wall_s"], r["cotrain_wall_s"]) for r in cotrain.get("repeats", [])]
+        timing = ""
+        if walls:
+            ratio = statistics.median(c for _, c in walls) / statistics.median(s for s, _ in walls)
+            timing = f" in {ratio:.2f}x the wall time of four separate runs (median of {len(walls)} repeats)"
+        lines.append(f"- **Four tasks co-trained in mixed batches**{timing}: mean accuracy {100 * together:.2f}% against "
+                     f"{100 * separate:.2f}% for separate runs ({link('cotrain')}).")
+    if "serve_load" in results:
+        row = results["serve_load"]["rows"][0]
+        lines.append(f"- **Serving 16 adapters over HTTP**: {row['requests_per_s']:.1f} requests/s from 32 clients, "
+                     f"{row['failed']} failed, p99 {row['latency_p99_ms']:.0f} ms on 2 CPU cores ({link('serve_load')}).")
+    return lines
+
+
+def summary_section() -> str:
+    """The README's short summary: headline figures and the compare table in brief."""
+    results = {path.stem: data for path, data in _results()}
+    parts = _headlines(results)
+    for _path, data in _compare_results():
+        settings = data["settings"]
+        rows = [row for row in data["rows"] if row["status"] == "ok"]
+        if not rows:
+            continue
+        parts += ["", f"Every method on {settings['model']} / {settings['task']}, one budget (`{settings['command']}`):", "",
+                  "| method | accuracy | trainable share | adapter file | peak RSS | time / step |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            parts.append(f"| {row['method']} | {100 * row['accuracy']:.2f}% | {100 * row['trainable_share']:.3g}% | "
+                         f"{_size(row['adapter_bytes'])} | {row['peak_rss_mib']:,.0f} MiB | "
+                         f"{1000 * row['median_step_time_s']:.0f} ms |")
+    parts += ["", "Every table, with its command, machine load and how it was measured: [docs/results.md](docs/results.md)."]
+    return "\n".join(parts).strip() + "\n"
+
+
+def _replace(path: Path, start: str, end: str, content: str) -> None:
+    text = path.read_text()
+    pattern = re.compile(rf"({re.escape(start)}\n)(.*?)({re.escape(end)})", re.S)
     if not pattern.search(text):
-        print("README.md has no <!-- results:start --> ... <!-- results:end --> block", file=sys.stderr)
-        return 1
-    readme.write_text(pattern.sub(lambda m: m.group(1) + section() + m.group(3), text))
-    print(f"README.md results rewritten from {RESULTS}")
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    path.write_text(pattern.sub(lambda m: m.group(1) + content + m.group(3), text))
+
+
+def main() -> int:
+    _replace(RESULTS_PAGE, "<!-- results:start -->", "<!-- results:end -->", full_section())
+    _replace(ROOT / "README.md", "<!-- summary:start -->", "<!-- summary:end -->", summary_section())
+    print(f"docs/results.md and the README summary rewritten from {RESULTS}")
     return 0
 
 

@@ -83,6 +83,8 @@ def add_parsers(commands) -> None:
     loop.add_argument("--patience", type=int, default=None, help="co-training (several tasks): a task stops after N evaluations without gain")
     loop.add_argument("--evals-per-epoch", type=int, default=None, help="co-training (several tasks): evaluations per epoch (default 1)")
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_argument("--report-to", default="none", help="log loss, learning rate, eval metrics, examples/s and memory "
+                      "to tensorboard, mlflow or wandb (several: tensorboard,mlflow), under --output-dir; see docs/tracking.md")
     parser.set_defaults(handler=run, command_parser=parser)
 
 
@@ -166,7 +168,7 @@ def run(args) -> int:
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to,
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
@@ -258,7 +260,7 @@ def _cotrain(args, method_options: dict) -> int:
                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler,
                     max_grad_norm=args.max_grad_norm or None, resume=args.resume, seed=args.seed,
                     progress=not args.no_progress, patience=getattr(args, "patience", None),
-                    evals_per_epoch=getattr(args, "evals_per_epoch", None) or 1)
+                    evals_per_epoch=getattr(args, "evals_per_epoch", None) or 1, report_to=args.report_to)
     if args.lr is not None:
         training["learning_rate"] = args.lr
     if args.save_steps is not None:

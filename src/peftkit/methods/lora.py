@@ -281,6 +281,11 @@ class LoraLinearDelta(AdapterDelta):
             return None  # the unfused path handles casts, hooks and autocast
         weight_rows = weight.T if self.transposed else weight
         dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        if dropout and torch.compiler.is_compiling():
+            # The fused mask comes from a seed read as a Python int and a torch.Generator, which torch.compile
+            # cannot trace (three graph breaks per layer); nn.Dropout on the unfused path it compiles, and
+            # the compiler then fuses that path itself.
+            return None
         seed = draw_dropout_seed() if dropout else 0
         arguments = (x, weight_rows, base_layer.bias, self.lora_A, self.lora_B, self.delta_bias, self.scaling, dropout, seed)
         if torch.is_grad_enabled():

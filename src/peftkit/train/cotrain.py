@@ -46,11 +46,12 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.mixed import MixedLoraModel
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES
+from peftkit.train import tracking
 from peftkit.train.data import (
     DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, length_grouped_order, tokenize_examples, with_validation,
 )
 from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config
-from peftkit.train.loop import _lr_multiplier, _peak_rss_mb
+from peftkit.train.loop import _lr_multiplier, _make_accelerator, _peak_rss_mb
 
 __all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
            "describe", "plan_epoch", "task_epoch_batches", "task_name"]
@@ -220,6 +221,9 @@ class CotrainArguments:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    # Experiment tracking through Accelerate, as TrainingArguments.report_to: each task's metrics are
+    # logged under its name ("sst2/train/loss" at that adapter's step), the run's under "train/".
+    report_to: str | list[str] = "none"
 
     def validate(self, tasks: Sequence[str]) -> None:
         def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -252,6 +256,7 @@ class CotrainArguments:
             raise PeftkitError(f"CotrainArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         if self.min_delta < 0:
             raise PeftkitError(f"CotrainArguments.min_delta must be >= 0, got {self.min_delta!r}")
+        tracking.check_installed(tracking.trackers_of(self.report_to))
 
     @staticmethod
     def _per_task(value, tasks: Sequence[str], field: str) -> dict[str, Any]:
@@ -487,9 +492,19 @@ class _Cotrainer:
             self.schedules[t.name] = _lr_multiplier(args.lr_scheduler, warmup, t.total_steps)
         self.base_rates = {t.name: float(args.for_task("learning_rate", t.name, self.names)) for t in tasks}
         self.patience = {t.name: args.for_task("patience", t.name, self.names) for t in tasks}
+        self.trackers = tracking.trackers_of(args.report_to)
+        self.accelerator = None
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, started: float, model: str) -> CotrainResult:
+        """The run, with Accelerate's experiment trackers started around it when report_to names any."""
+        if self.trackers:  # an Accelerator only to track: the model, optimizer and batches stay as they are
+            self.accelerator = _make_accelerator("no", **tracking.accelerator_options(self.trackers, self.output_dir))
+        config = {**dataclasses.asdict(self.args), "model": model, "tasks": ",".join(self.names)}
+        with tracking.tracked_run(self.accelerator, self.trackers, self.output_dir, config):
+            return self._run(started, model)
+
+    def _run(self, started: float, model: str) -> CotrainResult:
         args = self.args
         resumed_from = None
         if args.resume:
@@ -519,6 +534,9 @@ class _Cotrainer:
                     train_time += pass_times[-1]
                     rows_seen += rows
                     padded_tokens += tokens
+                    if self.accelerator is not None:
+                        self.accelerator.log({"train/examples_per_second": rows_seen / max(train_time, 1e-9),
+                                              "train/peak_rss_mb": _peak_rss_mb()}, step=done_passes + len(pass_times))
                 finishing = [n for n in batches if self.states[n].steps >= self._task(n).total_steps]
                 if bar is not None:
                     bar.set_postfix(loss=" ".join(f"{n}:{self._recent_loss(n):.3f}" for n in self.names
@@ -613,6 +631,9 @@ class _Cotrainer:
             state.loss_sum += loss
             state.window_loss_sum += loss
             state.window_steps += 1
+            if self.accelerator is not None:
+                self.accelerator.log({f"{name}/train/loss": loss, f"{name}/train/learning_rate": rates[self._task(name).slot]},
+                                     step=state.steps)
         return len(features), int(batch["input_ids"].numel())
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -647,6 +668,8 @@ class _Cotrainer:
         state.last_eval_step = state.steps
         if evaluation is None:
             return
+        if self.accelerator is not None:
+            self.accelerator.log({f"{name}/eval/{key}": value for key, value in evaluation.items()}, step=state.steps)
         value = evaluation["accuracy"]
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.best_eval = value, state.steps, evaluation

@@ -132,6 +132,10 @@ def train_causal_lm(
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     output_dir = Path(output_dir)
     peft_config = config or causal_method_config(method, **(method_options or {}))  # bad options fail before loading
+    arguments = {"learning_rate": causal_learning_rate(method), "seed": seed, "batch_size": 8,
+                 "metric_for_best": "loss", "greater_is_better": False, **(training or {})}
+    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
+    arguments.validate()  # so do bad training options (a tracker that is not installed, ...)
     if quantize is not None:
         quantization.check_method(method)
         quantization.check_scheme(quantize, 64)
@@ -158,9 +162,6 @@ def train_causal_lm(
         features = chat.pack_examples(features, max_length, tokenizer.eos_token_id)
     lengths = [len(f["input_ids"]) for f in features]
 
-    arguments = {"learning_rate": causal_learning_rate(method), "seed": seed, "batch_size": 8,
-                 "metric_for_best": "loss", "greater_is_better": False, **(training or {})}
-    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
     order = None if packing else (lambda epoch: length_grouped_order(lengths, arguments.batch_size, arguments.seed, epoch))
     result = train(wrapped, features, eval_features, arguments, chat.CausalLMCollator(tokenizer), batch_order=order)
 

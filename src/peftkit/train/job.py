@@ -185,6 +185,10 @@ def train_classifier(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     peft_config = config or method_config(method, **(method_options or {}))  # bad options fail before any loading
+    arguments = {"learning_rate": default_learning_rate(method), "epochs": default_epochs(method), "seed": seed,
+                 **{k: v for k, v in (training or {}).items() if not (k == "epochs" and v is None)}}
+    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
+    arguments.validate()  # so do bad training options (a tracker that is not installed, ...)
     if quantize is not None:
         quantization.check_method(method)
         quantization.check_scheme(quantize, 64)
@@ -209,9 +213,6 @@ def train_classifier(
     eval_features = tokenize_examples(eval_examples, tokenizer, max_length=max_length) if eval_examples else None
     lengths = [len(f["input_ids"]) for f in train_features]
 
-    arguments = {"learning_rate": default_learning_rate(method), "epochs": default_epochs(method), "seed": seed,
-                 **{k: v for k, v in (training or {}).items() if not (k == "epochs" and v is None)}}
-    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
     order = lambda epoch: length_grouped_order(lengths, arguments.batch_size * _processes(), arguments.seed, epoch)  # noqa: E731
     result = train(wrapped, train_features, eval_features, arguments, PaddingCollator(tokenizer), batch_order=order)
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from peftkit.errors import PeftkitError
 from peftkit.io import write_json, write_tensors
 from peftkit.train import checkpoint as ckpt
+from peftkit.train import tracking
 
 BEST_DIRNAME = "best"
 METRICS_FILENAME = "metrics.json"
@@ -87,6 +88,9 @@ class TrainingArguments:
     # Recompute each layer's activations in the backward pass instead of keeping them: less memory,
     # about a third more compute. Needs a transformers model that supports it (the base of a PeftModel).
     gradient_checkpointing: bool = False
+    # Experiment tracking through Accelerate: "none", "tensorboard", "mlflow", "wandb" or several,
+    # comma-separated. Logs go under output_dir (peftkit.train.tracking says where).
+    report_to: str | list[str] = "none"
 
     def validate(self) -> None:
         """Raise PeftkitError naming the first field that cannot work."""
@@ -133,6 +137,7 @@ class TrainingArguments:
             raise PeftkitError(
                 f"TrainingArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}"
             )
+        tracking.check_installed(tracking.trackers_of(self.report_to))
 
 
 @dataclass
@@ -209,11 +214,14 @@ def train(
     recomputes activations in the backward pass for this run (see ``_gradient_checkpointing``).
     """
     args.validate()
-    with _gradient_checkpointing(model, args.gradient_checkpointing):
-        return _train(model, train_data, eval_data, args, collate_fn, batch_order=batch_order, on_save_best=on_save_best)
+    # `cleanup` ends the experiment trackers that _train starts, also when training fails.
+    with contextlib.ExitStack() as cleanup, _gradient_checkpointing(model, args.gradient_checkpointing):
+        return _train(model, train_data, eval_data, args, collate_fn, batch_order=batch_order, on_save_best=on_save_best,
+                      cleanup=cleanup)
 
 
-def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *, batch_order, on_save_best) -> TrainResult:
+def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *, batch_order, on_save_best,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     started = time.perf_counter()
     if len(train_data) == 0:
         raise PeftkitError("train_data is empty; there is nothing to train on")
@@ -227,7 +235,8 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
     if metric_key == "loss" and args.greater_is_better:
         raise PeftkitError("metric_for_best='loss' keeps the lowest loss: set greater_is_better=False")
 
-    accelerator = _make_accelerator(args.mixed_precision)
+    trackers = tracking.trackers_of(args.report_to)
+    accelerator = _make_accelerator(args.mixed_precision, **tracking.accelerator_options(trackers, args.output_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed, device_specific=True)  # process p gets seed + p; process 0 matches a 1-process run
 
@@ -286,6 +295,10 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
     if accelerator.is_main_process:
         ckpt.remove_temporary_folders(checkpoint_root)
         ckpt.remove_temporary_folders(output_dir / BEST_DIRNAME)
+    run_config = {**asdict(args), "trainable_parameters": num_trainable, "total_parameters": num_total,
+                  "num_processes": world, "total_steps": total_steps}
+    cleanup.enter_context(tracking.tracked_run(accelerator, trackers, output_dir, run_config))
+    on_cuda = accelerator.device.type == "cuda"
 
     optimizer = torch.optim.AdamW(
         _parameter_groups(params, args.weight_decay), lr=args.learning_rate, weight_decay=args.weight_decay
@@ -372,6 +385,8 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
         state.window_loss_sum, state.window_steps = 0.0, 0
         if evaluation is None:
             return
+        if trackers:
+            accelerator.log({f"eval/{key}": value for key, value in evaluation.items()}, step=state.step)
         state.last_eval, state.last_eval_step = evaluation, state.step
         if metric_key not in evaluation:
             raise PeftkitError(
@@ -453,6 +468,17 @@ def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *,
             examples_this_run += step_examples
             step_times.append(time.perf_counter() - step_started)
             train_time += step_times[-1]
+            if trackers:
+                logged = {
+                    "train/loss": loss_value,
+                    "train/learning_rate": step_lr,
+                    "train/examples_per_second": examples_this_run / max(train_time, 1e-9),  # as the progress bar
+                    "train/epoch": state.step / steps_per_epoch,
+                    "train/peak_rss_mb": _peak_rss_mb(),
+                }
+                if on_cuda:
+                    logged["train/peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+                accelerator.log(logged, step=state.step)
             if progress_bar is not None:
                 progress_bar.set_postfix(
                     loss=f"{state.smoothed_loss:.4f}",
@@ -597,7 +623,8 @@ def _gradient_checkpointing(model: torch.nn.Module, enabled: bool):
             config.use_cache = use_cache
 
 
-def _make_accelerator(mixed_precision: str) -> Accelerator:
+def _make_accelerator(mixed_precision: str, **options) -> Accelerator:
+    """An Accelerator for one run; ``options`` go to it as they are (the trackers' log_with and project_dir)."""
     # Accumulation is done here (see the module docstring); num_steps=1 also keeps an
     # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from the environment from scaling the loss.
     plugin = GradientAccumulationPlugin(num_steps=1)
@@ -605,7 +632,7 @@ def _make_accelerator(mixed_precision: str) -> Accelerator:
     # treats every process as a lone one unless told cpu=True; `--cpu` itself starts one process only.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device()
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin, **options)
     except ValueError as error:
         # Accelerate keeps process-wide state and refuses a second Accelerator with another
         # mixed_precision. In a single process that state can safely be started over.
@@ -616,7 +643,7 @@ def _make_accelerator(mixed_precision: str) -> Accelerator:
                 f"Accelerate could not start with mixed_precision={mixed_precision!r}: {error}"
             ) from None
         AcceleratorState._reset_state()
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin, **options)
 
 
 def _has_accelerator_device() -> bool:
