@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from peftkit.errors import PeftkitError
@@ -23,6 +24,26 @@ def register_config(cls):
     """Class decorator: make `cls` known under its `peft_type` for loading from JSON."""
     CONFIG_TYPES[cls.peft_type] = cls
     return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method as `peftkit train --method NAME` knows it, declared in the method's own file (its
+    `METHODS` tuple) and collected by peftkit.registry.
+
+    defaults: config fields of the classification job (peftkit's choice where it differs from the config
+    class's own defaults); learning_rate: the job's AdamW rate; epochs: passes when the caller gives none
+    (None: the job's default of 2); causal_defaults / causal_learning_rate: where a causal LM wants
+    other ones (fields given as None drop the classification default and leave the config's own).
+    """
+
+    name: str
+    config: type["PeftConfig"]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float = 5e-4
+    epochs: float | None = None
+    causal_defaults: Mapping[str, Any] | None = None
+    causal_learning_rate: float | None = None
 
 
 @dataclasses.dataclass

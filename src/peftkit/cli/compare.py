@@ -14,7 +14,7 @@ from peftkit.errors import PeftkitError
 def add_parsers(commands) -> None:
     from peftkit import zoo
     from peftkit.bench.compare import DEFAULT_METHODS
-    from peftkit.train.job import list_methods
+    from peftkit.registry import list_methods
 
     parser = commands.add_parser(
         "compare", help="train several methods under one budget and report accuracy, size, memory and speed",

@@ -12,7 +12,7 @@ from peftkit.errors import PeftkitError
 
 def add_parsers(commands) -> None:
     from peftkit import zoo
-    from peftkit.train.job import list_methods
+    from peftkit.registry import list_methods
 
     parser = commands.add_parser(
         "train", help="train a method on a task and save the adapter",
@@ -100,9 +100,9 @@ def _method_options(args) -> dict:
     """The config fields the command line sets for args.method; a flag the method lacks is an error."""
     import dataclasses
 
-    from peftkit.train.job import METHOD_DEFAULTS
+    from peftkit.registry import METHODS
 
-    fields = {f.name for f in dataclasses.fields(METHOD_DEFAULTS[args.method][0])}
+    fields = {f.name for f in dataclasses.fields(METHODS[args.method].config)}
     values = {"--r": args.r, "--alpha": args.alpha, "--dropout": args.dropout, "--target-modules": args.target_modules,
               "--use-rslora": args.use_rslora, "--init": args.init, "--bias": args.bias, "--layers": args.layers,
               "--last-k": args.last_k, "--train-layernorm": args.train_layernorm}

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterDelta, attach_delta, iter_base_modules
 from peftkit.targeting import describe_module_names, find_layer_blocks, find_targets, linear_types
@@ -268,3 +268,7 @@ def add_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str, s
 
         attach_delta(model, name, adapter_name, make)
     return targets
+
+# How `peftkit train` trains it.
+METHODS = (Method("adapter", BottleneckConfig, dict(placement="houlsby", bottleneck_size=64, activation="gelu"),
+                  learning_rate=1e-3),)

@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import BiasDelta, attach_delta, iter_base_modules
 from peftkit.targeting import describe_module_names, name_matches
@@ -55,3 +55,7 @@ def add_adapter(model: nn.Module, config: BitFitConfig, adapter_name: str, skip:
     for name in targets:
         attach_delta(model, name, adapter_name, BiasDelta)
     return targets
+
+# How `peftkit train` trains it: biases only (27k values on minilm) move slowly; measured on sst2: 82.45% at
+# 2e-3 and 83.83% at 5e-3 in 2 epochs, 73.62% at 1e-2 (unstable), 84.86% at 5e-3 in 4 epochs.
+METHODS = (Method("bitfit", BitFitConfig, {}, learning_rate=5e-3, epochs=4),)

@@ -10,7 +10,7 @@ import dataclasses
 
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import ReplacementDelta, attach_delta, iter_base_modules
 from peftkit.targeting import find_layer_blocks, find_targets
@@ -75,3 +75,6 @@ def add_adapter(model: nn.Module, config: FreezeConfig, adapter_name: str, skip:
     for name in chosen:
         attach_delta(model, name, adapter_name, ReplacementDelta)
     return chosen
+
+# How `peftkit train` trains it.
+METHODS = (Method("freeze", FreezeConfig, dict(last_k=2), learning_rate=1e-4),)

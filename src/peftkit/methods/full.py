@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 
 
 @register_config
@@ -17,3 +17,6 @@ class FullFinetuneConfig(PeftConfig):
     """No fields of its own: every parameter of the model trains."""
 
     peft_type = "FULL"
+
+# How `peftkit train` trains it (the baseline).
+METHODS = (Method("full", FullFinetuneConfig, {}, learning_rate=1e-4, causal_defaults={}, causal_learning_rate=2e-5),)

@@ -17,7 +17,7 @@ import re
 
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Attached, ReplacementDelta, attach_delta, iter_base_modules
 from peftkit.targeting import describe_module_names, find_targets, name_matches
@@ -131,3 +131,6 @@ def add_adapter(model: nn.Module, config: LNTuningConfig, adapter_name: str, ski
     for name in targets:
         attach_delta(model, name, adapter_name, NormCopyDelta)
     return Attached(targets=targets, config=config)
+
+# How `peftkit train` trains it: copies of every LayerNorm (10k values on minilm).
+METHODS = (Method("ln_tuning", LNTuningConfig, {}, learning_rate=5e-3),)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.methods import lycoris
 
 
@@ -122,3 +122,7 @@ def add_adapter(model: nn.Module, config: LoHaConfig, adapter_name: str, skip: l
         model, config, adapter_name, skip, "LoHa",
         lambda base_layer, r, alpha: LohaDelta(base_layer, r, alpha, config),
     )
+
+# How `peftkit train` trains it: r=8, alpha=16 on every linear layer as for LoRA, with a higher rate: the
+# update grows from zero more slowly than LoRA's (a product of two small factors).
+METHODS = (Method("loha", LoHaConfig, dict(r=8, alpha=16, target_modules="all-linear"), learning_rate=2e-3),)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import lycoris
 
@@ -184,3 +184,6 @@ def add_adapter(model: nn.Module, config: LoKrConfig, adapter_name: str, skip: l
         model, config, adapter_name, skip, "LoKr",
         lambda base_layer, r, alpha: LokrDelta(base_layer, r, alpha, config),
     )
+
+# How `peftkit train` trains it: as LoHa (r=8, alpha=16, every linear layer, a higher rate than LoRA's).
+METHODS = (Method("lokr", LoKrConfig, dict(r=8, alpha=16, target_modules="all-linear"), learning_rate=2e-3),)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterDelta, BiasDelta, attach_delta, check_shape, iter_base_modules, shadow_parameter
 from peftkit.targeting import find_targets, linear_types, name_matches
@@ -711,3 +711,16 @@ def export_config(config: LoraConfig) -> LoraConfig:
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
     )
+
+# How `peftkit train` trains it (peftkit.registry collects this). r=8 on every linear layer (attention and
+# feed-forward) reaches 87.5% on sst2 in the default 2 epochs, where query,value alone stays near 86.5% even
+# in 3. No LoRA dropout: on CPU it costs about a third of the step time, for a difference within noise
+# (benchmarks/default_job.py). On a causal LM: r=16 on every attention and MLP projection ("all-linear"
+# leaves the LM head out).
+METHODS = (
+    Method("lora", LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"), learning_rate=1e-3,
+           causal_defaults=dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"), causal_learning_rate=5e-4),
+    Method("dora", LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", use_dora=True),
+           learning_rate=1e-3, causal_defaults=dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                    use_dora=True), causal_learning_rate=5e-4),
+)

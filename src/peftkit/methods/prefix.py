@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Attached, ModelAdapter
 
@@ -417,3 +417,9 @@ def add_adapter(model: nn.Module, config: PrefixTuningConfig, adapter_name: str,
     check_model_takes_prefix(model)
     config = complete_config(config, model)
     return Attached(targets=[], model_adapter=KeyValuePrefix(config), config=config)
+
+# How `peftkit train` trains it: 20 trained key/value positions per layer, the table trained directly at
+# 1e-2 (peft's sequence-classification example; P-tuning v2 trains without the reparameterisation on such
+# tasks).
+METHODS = (Method("prefix", PrefixTuningConfig, dict(num_virtual_tokens=20, prefix_projection=False), learning_rate=1e-2,
+                  causal_defaults=dict(num_virtual_tokens=20, prefix_projection=False), causal_learning_rate=5e-3),)

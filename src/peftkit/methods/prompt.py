@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdaptedModule, Attached, ModelAdapter
 
@@ -457,3 +457,11 @@ def add_adapter(model: nn.Module, config: PromptLearningConfig, adapter_name: st
     else:  # pragma: no cover - the registry sends only these two here
         raise PeftkitError(f"{type(config).__name__} is not a prompt-learning config")
     return Attached(targets=[], model_adapter=owner, config=config)
+
+# How `peftkit train` trains them.
+METHODS = (
+    Method("prompt", PromptTuningConfig, dict(num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"), learning_rate=3e-2,
+           causal_defaults=dict(num_virtual_tokens=20), causal_learning_rate=3e-2),
+    Method("ptuning", PromptEncoderConfig, dict(num_virtual_tokens=20, encoder_hidden_size=128), learning_rate=3e-3,
+           causal_defaults=dict(num_virtual_tokens=20), causal_learning_rate=3e-3),
+)

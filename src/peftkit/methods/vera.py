@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.config import PeftConfig, register_config
+from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (
     AdapterDelta, Attached, BiasDelta, ModelAdapter, attach_delta, iter_base_modules, shadow_parameter,
@@ -245,3 +245,8 @@ def add_adapter(model: nn.Module, config: VeraConfig, adapter_name: str, skip: l
             if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
                 attach_delta(model, name, adapter_name, BiasDelta)
     return Attached(targets=targets, model_adapter=projections)
+
+# How `peftkit train` trains it: shared projections of rank 256 on every linear layer; it trains ~out+r
+# values per layer, so it needs a larger step than LoRA (the paper uses 4e-3 to 1e-2 over far more epochs
+# than our 2). Measured on sst2, 2 epochs: 84.63% at 1e-2, 86.01% at 3e-2.
+METHODS = (Method("vera", VeraConfig, dict(r=256, target_modules="all-linear", d_initial=0.1), learning_rate=3e-2),)

@@ -27,18 +27,11 @@ from peftkit.errors import PeftkitError
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.train import chat
 from peftkit.train.data import length_grouped_order
-from peftkit.train.job import (
-    METHOD_DEFAULTS,
-    folder_bytes,
-    method_config,
-    quantize_like_run,
-    read_run_info,
-    save_run,
-)
+from peftkit.registry import causal_learning_rate, causal_method_config
+from peftkit.train.job import folder_bytes, quantize_like_run, read_run_info, save_run
 from peftkit.train.loop import TrainingArguments, train
 
 __all__ = [
-    "CAUSAL_METHOD_DEFAULTS",
     "InstructJobResult",
     "causal_method_config",
     "evaluate_generation",
@@ -46,33 +39,6 @@ __all__ = [
     "load_causal_run",
     "train_causal_lm",
 ]
-
-# Where a causal LM wants other defaults than the classification job's (METHOD_DEFAULTS): options
-# (None drops the classification default and leaves the config's own, e.g. IA3's per-architecture
-# targets) and the learning rate. LoRA: r=16 on every attention and MLP projection ("all-linear"
-# leaves the LM head out).
-CAUSAL_METHOD_DEFAULTS: dict[str, tuple[dict[str, Any], float]] = {
-    "lora": (dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"), 5e-4),
-    "dora": (dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_dora=True), 5e-4),
-    "ia3": (dict(target_modules=None, feedforward_modules=None), 5e-3),
-    "prompt": (dict(num_virtual_tokens=20), 3e-2),
-    "ptuning": (dict(num_virtual_tokens=20), 3e-3),
-    "prefix": (dict(num_virtual_tokens=20, prefix_projection=False), 5e-3),
-    "full": ({}, 2e-5),
-}
-
-
-def causal_method_config(method: str, **options) -> PeftConfig:
-    """The config for `method` on a causal LM (task_type CAUSAL_LM), updated by `options`."""
-    own = CAUSAL_METHOD_DEFAULTS.get(method, ({}, None))[0]
-    return method_config(method, task_type="CAUSAL_LM", **{**own, **options})
-
-
-def causal_learning_rate(method: str) -> float:
-    if method in CAUSAL_METHOD_DEFAULTS:
-        return CAUSAL_METHOD_DEFAULTS[method][1]
-    return METHOD_DEFAULTS[method][2] if method in METHOD_DEFAULTS else 5e-4
-
 
 @dataclasses.dataclass
 class InstructJobResult:

@@ -21,21 +21,10 @@ from peftkit import io, zoo
 from peftkit import quantize as quantization
 from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
-from peftkit.methods.adalora import AdaLoraConfig
-from peftkit.methods.adapter import BottleneckConfig
-from peftkit.methods.bitfit import BitFitConfig
-from peftkit.methods.freeze import FreezeConfig
-from peftkit.methods.full import FullFinetuneConfig
-from peftkit.methods.ia3 import IA3Config
-from peftkit.methods.ln_tuning import LNTuningConfig
-from peftkit.methods.loha import LoHaConfig
-from peftkit.methods.lokr import LoKrConfig
-from peftkit.methods.lora import LoraConfig
-from peftkit.methods.prefix import PrefixTuningConfig
-from peftkit.methods.prompt import PromptEncoderConfig, PromptTuningConfig
-from peftkit.methods.sparse import SparseConfig
-from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
+from peftkit.registry import (  # noqa: F401  (list_methods, method_config, ... are used from here too)
+    METHODS, default_epochs, default_learning_rate, list_methods, method_config,
+)
 from peftkit.train.data import (
     DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, hold_out_validation, length_grouped_order,
     tokenize_examples, with_validation,
@@ -44,86 +33,11 @@ from peftkit.train.loop import TrainingArguments, train
 
 RUN_INFO_NAME = "peftkit_run.json"
 
-# Per-method defaults for classification: the config and a learning rate that suits it. A config
-# passed in replaces the default config; the learning rate can always be set.
-# LoRA: r=8 on every linear layer (attention and feed-forward) reaches 87.5% on sst2 in the default 2
-# epochs, where query,value alone stays near 86.5% even in 3. No LoRA dropout: on CPU it costs about a
-# third of the step time, for a difference within noise. Figures: benchmarks/default_job.py.
+# The methods as `peftkit train --method` knows them: declared in each method file, collected by
+# peftkit.registry. METHOD_DEFAULTS is the same as (config class, defaults, learning rate), by name.
 METHOD_DEFAULTS: dict[str, tuple[type[PeftConfig], dict[str, Any], float]] = {
-    "lora": (LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"), 1e-3),
-    # AdaLoRA: ranks 12 -> 8 on average (scale 24/12 = LoRA's 16/8); warmup 10% of the steps, ranks fixed
-    # for the last half (the paper's sst2 run: 44%), so every end-of-epoch evaluation sees the final ranks.
-    # Its update starts smaller than LoRA's (E = 0, small A and B), hence the higher rate.
-    "adalora": (AdaLoraConfig, dict(init_r=12, target_r=8, lora_alpha=24, target_modules="all-linear", tinit=0.1,
-                                    tfinal=0.5, deltaT=10, orth_reg_weight=0.1), 2e-3),
-    "dora": (LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", use_dora=True), 1e-3),
-    # VeRA: shared projections of rank 256 on every linear layer; it trains ~out+r values per layer, so it
-    # needs a larger step than LoRA (the paper uses 4e-3 to 1e-2 over far more epochs than our 2). Measured
-    # on sst2, 2 epochs: 84.63% at 1e-2, 86.01% at 3e-2.
-    "vera": (VeraConfig, dict(r=256, target_modules="all-linear", d_initial=0.1), 3e-2),
-    "adapter": (BottleneckConfig, dict(placement="houlsby", bottleneck_size=64, activation="gelu"), 1e-3),
-    # BitFit: biases only (27k values on minilm) move slowly; measured on sst2: 82.45% at 2e-3 and 83.83% at
-    # 5e-3 in 2 epochs, 73.62% at 1e-2 (unstable), 84.86% at 5e-3 in 4 epochs (METHOD_EPOCHS).
-    "bitfit": (BitFitConfig, {}, 5e-3),
-    "freeze": (FreezeConfig, dict(last_k=2), 1e-4),
-    "full": (FullFinetuneConfig, {}, 1e-4),
-    # Sparse fine-tuning: 2% of the linear weights' entries (215k, 0.95% of minilm), chosen by |gradient| over 8
-    # batches; the chosen entries move like full fine-tuning's weights but need a larger rate to do it in 2 epochs.
-    "sparse": (SparseConfig, dict(budget=0.02, importance="gradient", target_modules="all-linear"), 1e-3),
-    # (IA)3: key, value and intermediate.dense scaled on their outputs, both output.dense layers (peft's
-    # "ends with" rule also picks attention.output.dense) on their inputs; 25k vector entries on minilm.
-    # The vectors start at 1 and need a high learning rate to move in the default job's 434 steps (a
-    # 32-step check at 5e-3 moved them by at most 0.07). LN tuning: copies of every LayerNorm (10k values).
-    "ia3": (IA3Config, dict(target_modules=["key", "value", "intermediate.dense", "output.dense"],
-                            feedforward_modules=["output.dense"]), 1e-2),
-    "ln_tuning": (LNTuningConfig, {}, 5e-3),
-    # LoHa / LoKr: r=8, alpha=16 on every linear layer as for LoRA, with a higher lr: their update grows
-    # from zero more slowly than LoRA's (a product of two small factors).
-    "loha": (LoHaConfig, dict(r=8, alpha=16, target_modules="all-linear"), 2e-3),
-    "lokr": (LoKrConfig, dict(r=8, alpha=16, target_modules="all-linear"), 2e-3),
-    "prompt": (PromptTuningConfig, dict(num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"), 3e-2),
-    "ptuning": (PromptEncoderConfig, dict(num_virtual_tokens=20, encoder_hidden_size=128), 3e-3),
-    # Prefix tuning: 20 trained key/value positions per layer, the table trained directly at 1e-2 (peft's
-    # sequence-classification example; P-tuning v2 trains without the reparameterisation on such tasks).
-    "prefix": (PrefixTuningConfig, dict(num_virtual_tokens=20, prefix_projection=False), 1e-2),
+    name: (declared.config, dict(declared.defaults), declared.learning_rate) for name, declared in METHODS.items()
 }
-
-
-# Passes over the data when the caller gives none (the classification job's default is 2): methods that
-# train very few values need more of them to come near full fine-tuning.
-DEFAULT_EPOCHS = 2
-METHOD_EPOCHS: dict[str, float] = {"bitfit": 4}
-
-
-def default_epochs(method: str) -> float:
-    return METHOD_EPOCHS.get(method, DEFAULT_EPOCHS)
-
-
-def list_methods() -> list[str]:
-    return sorted(METHOD_DEFAULTS)
-
-
-def method_config(method: str, task_type: str = "SEQ_CLS", **options) -> PeftConfig:
-    """The config for `method` with its classification defaults, updated by `options`.
-
-    task_type: "SEQ_CLS" (a new classifier head is trained with the adapter) or "CAUSAL_LM".
-    """
-    if method not in METHOD_DEFAULTS:
-        raise PeftkitError(f"unknown method {method!r}; methods: {', '.join(list_methods())}")
-    cls, defaults, _ = METHOD_DEFAULTS[method]
-    # An option given as None drops the job's default and leaves the config class's own default.
-    values = {k: v for k, v in {**defaults, **options}.items() if v is not None}
-    if cls is not FullFinetuneConfig:
-        values.setdefault("task_type", task_type)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PeftkitError(f"option(s) {unknown} do not apply to method {method!r}; its options: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
-def default_learning_rate(method: str) -> float:
-    return METHOD_DEFAULTS[method][2] if method in METHOD_DEFAULTS else 5e-4
 
 
 @dataclasses.dataclass
