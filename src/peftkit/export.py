@@ -199,11 +199,75 @@ def factor_updates(updates: dict[str, torch.Tensor], layers: dict[str, nn.Module
 
 def save_lora_conversion(conversion: LoraConversion, folder: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
     """Write a conversion as a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = conversion.config.to_dict()
-    data["base_model_name_or_path"] = base_model_name_or_path
-    data["inference_mode"] = True
-    io.write_tensors(folder / io.WEIGHTS_NAME, conversion.tensors)
-    io.write_json(folder / io.CONFIG_NAME, data)
-    return folder
+    data = {**conversion.config.to_dict(), "base_model_name_or_path": base_model_name_or_path}
+    return Path(io.write_adapter_folder(folder, data, conversion.tensors))
+
+
+# -- whole run folders (what `peftkit merge` and `peftkit export` do) ---------------------------------
+def is_causal_run(folder: str | os.PathLike) -> bool:
+    """A run of the instruction-tuning job, or a peft adapter made for a causal LM."""
+    import json
+
+    from peftkit.train.job import read_run_info
+
+    if read_run_info(folder).get("kind") == "causal":
+        return True
+    config = Path(folder) / io.CONFIG_NAME
+    if config.is_file():
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("task_type") == "CAUSAL_LM"
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def load_trained(folder: str | os.PathLike, model: str | None = None):
+    """A saved run, classification or causal: (model, tokenizer, run info, causal)."""
+    if is_causal_run(folder):
+        from peftkit.train.instruct import load_causal_run
+
+        return (*load_causal_run(folder, model=model), True)
+    from peftkit.train.job import load_run
+
+    return (*load_run(folder, model=model), False)
+
+
+def merge_to_folder(adapter: str | os.PathLike, output: str | os.PathLike, model: str | None = None) -> tuple[str | None, bool]:
+    """Merge a saved adapter into its base and write a plain transformers model folder (with its tokenizer)
+    at `output`, whole or not at all. Returns (a note on the merge into a quantized base or None, causal)."""
+    from peftkit.quantize import dequantize_merged
+
+    with io.new_folder(output, "--output folder") as partial:
+        wrapped, tokenizer, _, causal = load_trained(adapter, model)
+        plain = wrapped.merge_and_unload() if hasattr(wrapped, "merge_and_unload") else wrapped
+        note = dequantize_merged(plain)  # a quantized base: the merge error, and float layers transformers can load
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    return note, causal
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `export_to_folder` wrote: a LoRA conversion (to_lora) or the adapter as it is, with what serving
+    engines cannot load of it."""
+
+    conversion: LoraConversion | None
+    problems: list[str]
+
+
+def export_to_folder(adapter: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
+                     to_lora: bool = False, rank: int | None = None) -> ExportResult:
+    """Write a saved adapter for serving engines at `output` (peft layout): as it is, or (to_lora) rewritten as
+    plain LoRA of rank `rank` (default: the smallest exact to 1e-3), whole or not at all."""
+    with io.new_folder(output, "--output folder") as partial:
+        wrapped, _, info, _ = load_trained(adapter, model)
+        if not hasattr(wrapped, "peft_config") or wrapped.is_full_finetune:
+            raise PeftkitError(f"{adapter} holds a fully fine-tuned model, not an adapter; serve the model folder itself")
+        if to_lora:
+            base_id = info.get("model") or wrapped.peft_config["default"].to_dict().get("base_model_name_or_path")
+            conversion = lora_from_adapter(wrapped, "default", rank=rank)
+            save_lora_conversion(conversion, partial, base_id)
+            return ExportResult(conversion, [])
+        problems = serving_problems(wrapped)
+        wrapped.save_pretrained(partial)
+    return ExportResult(None, problems)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,6 +64,42 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     clean = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in tensors.items()}
     with atomic_path(path) as temporary:
         save_file(clean, temporary, metadata={"format": "pt", **(metadata or {})})
+
+
+@contextmanager
+def new_folder(path: str | os.PathLike, option: str = "output folder") -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; when the block succeeds it is renamed to `path`, so the folder
+    appears whole or not at all; when it fails the temporary folder is removed. A `path` that exists and is
+    not empty is refused (a PeftkitError naming `option`)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PeftkitError(f"{path} exists and is not empty; choose a new {option}")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if path.exists():
+            path.rmdir()  # empty (checked above)
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def write_adapter_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                         **other_files: dict) -> str:
+    """Write one adapter in the peft layout: `adapter_model.safetensors` (keys `base_model.model.<path>...`)
+    and `adapter_config.json` (`config`, with inference_mode true), each file atomically; `other_files`
+    are more JSON files by name (`peftkit_run.json`). The one writer of adapter folders."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    write_tensors(os.path.join(folder, WEIGHTS_NAME), tensors)
+    write_json(os.path.join(folder, CONFIG_NAME), {**config, "inference_mode": True})
+    for name, data in other_files.items():
+        write_json(os.path.join(folder, name), data)
+    return folder
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -439,25 +438,9 @@ def save_combined(combined: CombinedAdapter, folder: str | os.PathLike) -> Path:
     from peftkit.train.job import RUN_INFO_NAME
 
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise PeftkitError(f"{folder} exists and is not empty; choose a new output folder")
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
-        data = combined.config.to_dict()
-        data["base_model_name_or_path"] = combined.base_model
-        data["inference_mode"] = True
-        partial.mkdir(parents=True)
-        io.write_tensors(partial / io.WEIGHTS_NAME, combined.tensors)
-        io.write_json(partial / io.CONFIG_NAME, data)
-        io.write_json(partial / RUN_INFO_NAME, combined.run_info())
-        if folder.exists():
-            folder.rmdir()  # empty (checked above)
-        os.replace(partial, folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with io.new_folder(folder) as partial:
+        io.write_adapter_folder(partial, {**combined.config.to_dict(), "base_model_name_or_path": combined.base_model},
+                                combined.tensors, **{RUN_INFO_NAME: combined.run_info()})
     return folder
 
 

@@ -22,7 +22,7 @@ from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import full
 from peftkit.methods.base import (
-    AdaptedModule, Attached, ModelAdapter, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper,
+    Attached, ModelAdapter, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper,
 )
 from peftkit.mixed import running_adapter_names
 from peftkit.registry import method_for

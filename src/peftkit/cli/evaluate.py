@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from peftkit.cli.options import DefaultsHelpFormatter, is_causal_run
+from peftkit.cli.options import DefaultsHelpFormatter
 from peftkit.errors import PeftkitError
 
 
@@ -53,6 +53,7 @@ def _eval_causal(args) -> int:
 
 
 def _eval(args) -> int:
+    from peftkit.export import is_causal_run
     from peftkit.train.job import evaluate_run
 
     if is_causal_run(args.adapter):
@@ -85,6 +86,8 @@ def _predict(args) -> int:
             texts += [line.rstrip("\n") for line in handle if line.strip()]
     if not texts:
         raise PeftkitError("no text to classify: give texts as arguments or --file FILE")
+    from peftkit.export import is_causal_run
+
     if is_causal_run(args.adapter):
         raise PeftkitError(f"{args.adapter} adapts a causal language model, which writes replies rather than labels: "
                            f"use peftkit generate {args.adapter} --prompt TEXT (or peftkit chat {args.adapter})")

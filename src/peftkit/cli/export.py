@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-from peftkit.cli.options import DefaultsHelpFormatter, is_causal_run
-from peftkit.errors import PeftkitError
+from peftkit.cli.options import DefaultsHelpFormatter
 
 
 def add_parsers(commands) -> None:
@@ -24,42 +21,18 @@ def add_parsers(commands) -> None:
 
 
 def _export(args) -> int:
-    from peftkit.export import lora_from_adapter, save_lora_conversion, serving_problems
+    from peftkit.export import export_to_folder
 
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise PeftkitError(f"{output} exists and is not empty; choose a new --output folder")
-    if is_causal_run(args.adapter):
-        from peftkit.train.instruct import load_causal_run
-
-        model, tokenizer, info = load_causal_run(args.adapter, model=args.model)
-    else:
-        from peftkit.train.job import load_run
-
-        model, tokenizer, info = load_run(args.adapter, model=args.model)
-    if not hasattr(model, "peft_config") or model.is_full_finetune:
-        raise PeftkitError(f"{args.adapter} holds a fully fine-tuned model, not an adapter; serve the model folder itself")
-    base_id = info.get("model") or model.peft_config["default"].to_dict().get("base_model_name_or_path")
-    if args.to_lora:
-        conversion = lora_from_adapter(model, "default", rank=args.rank)
-        partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-        save_lora_conversion(conversion, partial, base_id)
-        if output.exists():
-            output.rmdir()
-        os.replace(partial, output)
-        print(f"LoRA r={conversion.config.r} on {len(conversion.relative_errors)} layers written to {output}; "
+    result = export_to_folder(args.adapter, args.output, model=args.model, to_lora=args.to_lora, rank=args.rank)
+    if result.conversion is not None:
+        conversion = result.conversion
+        print(f"LoRA r={conversion.config.r} on {len(conversion.relative_errors)} layers written to {args.output}; "
               f"largest relative error of a layer's update: {conversion.max_relative_error:.2e}")
         return 0
-    problems = serving_problems(model)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    if output.exists():
-        output.rmdir()
-    os.replace(partial, output)
-    print(f"adapter written to {output} in the Hugging Face peft layout (peft.PeftModel.from_pretrained loads it)")
-    if problems:
+    print(f"adapter written to {args.output} in the Hugging Face peft layout (peft.PeftModel.from_pretrained loads it)")
+    if result.problems:
         print("serving engines (vLLM and the like) cannot load all of it:", file=sys.stderr)
-        for problem in problems:
+        for problem in result.problems:
             print(f"  - {problem}", file=sys.stderr)
         print(f"  convert it: peftkit export {args.adapter} --to-lora --output DIR", file=sys.stderr)
     return 0

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
-
-from peftkit.cli.options import is_causal_run
-from peftkit.errors import PeftkitError
 
 
 def add_parsers(commands) -> None:
@@ -19,33 +14,13 @@ def add_parsers(commands) -> None:
 
 
 def _merge(args) -> int:
-    from peftkit.train.job import load_run
+    from peftkit.export import merge_to_folder
 
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise PeftkitError(f"{output} exists and is not empty; choose a new --output folder")
     started = time.perf_counter()
-    causal = is_causal_run(args.adapter)
-    if causal:
-        from peftkit.train.instruct import load_causal_run
-
-        model, tokenizer, _ = load_causal_run(args.adapter, model=args.model)
-    else:
-        model, tokenizer, _ = load_run(args.adapter, model=args.model)
-    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    from peftkit.quantize import dequantize_merged
-
-    note = dequantize_merged(plain)  # a quantized base: the merge error, and float layers transformers can load
+    note, causal = merge_to_folder(args.adapter, args.output, model=args.model)
     if note:
         print(note)
-    # Written beside the target, then renamed: an interrupted merge leaves no half model folder.
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if output.exists():
-        output.rmdir()  # empty (checked above)
-    os.replace(partial, output)
     auto_class = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
-    print(f"merged model written to {output} in {time.perf_counter() - started:.1f} s; "
-          f"load it with transformers.{auto_class}.from_pretrained({str(output)!r})")
+    print(f"merged model written to {args.output} in {time.perf_counter() - started:.1f} s; "
+          f"load it with transformers.{auto_class}.from_pretrained({str(args.output)!r})")
     return 0

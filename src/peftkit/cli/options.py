@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -66,28 +64,3 @@ def print_rows(rows) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-
-
-def is_causal_run(folder: str) -> bool:
-    """A run of the instruction-tuning job, or a peft adapter made for a causal LM."""
-    from peftkit.train.job import read_run_info
-
-    if read_run_info(folder).get("kind") == "causal":
-        return True
-    config = Path(folder) / "adapter_config.json"
-    if config.is_file():
-        try:
-            return json.loads(config.read_text(encoding="utf-8")).get("task_type") == "CAUSAL_LM"
-        except json.JSONDecodeError:
-            return False
-    return False
-
-
-def empty_output_folder(path: str, option: str = "--output") -> Path:
-    """The folder a command will write, refused when it already holds something."""
-    from peftkit.errors import PeftkitError
-
-    output = Path(path)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise PeftkitError(f"{output} exists and is not empty; choose a new {option} folder")
-    return output
