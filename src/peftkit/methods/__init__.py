@@ -15,6 +15,7 @@ from peftkit.methods import ia3, ln_tuning
 from peftkit.methods import adalora
 from peftkit.methods import vera
 from peftkit.methods import sparse
+from peftkit.methods import oft
 
 # peft_type -> the module holding that method's `add_adapter` (and optional `export_config`).
 METHODS: dict[str, ModuleType] = {
@@ -32,6 +33,7 @@ METHODS: dict[str, ModuleType] = {
     "ADALORA": adalora,
     "VERA": vera,
     "SPARSE": sparse,
+    "OFT": oft,
 }
 
 
