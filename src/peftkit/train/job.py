@@ -31,6 +31,7 @@ from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prefix import PrefixTuningConfig
 from peftkit.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
@@ -81,6 +82,9 @@ METHOD_DEFAULTS: dict[str, tuple[type[PeftConfig], dict[str, Any], float]] = {
     # from zero more slowly than LoRA's (a product of two small factors).
     "loha": (LoHaConfig, dict(r=8, alpha=16, target_modules="all-linear"), 2e-3),
     "lokr": (LoKrConfig, dict(r=8, alpha=16, target_modules="all-linear"), 2e-3),
+    # OFT: 32-wide rotation blocks on the input of every linear layer (peft's default block size); the rate is
+    # LoRA's, not yet tuned on sst2.
+    "oft": (OFTConfig, dict(oft_block_size=32, target_modules="all-linear"), 1e-3),
     "prompt": (PromptTuningConfig, dict(num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"), 3e-2),
     "ptuning": (PromptEncoderConfig, dict(num_virtual_tokens=20, encoder_hidden_size=128), 3e-3),
     # Prefix tuning: 20 trained key/value positions per layer, the table trained directly at 1e-2 (peft's
