@@ -17,6 +17,7 @@ from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig, set_lora_fused
+from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prefix import PrefixTuningConfig
 from peftkit.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
@@ -36,6 +37,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "ParameterReport",
     "PeftConfig",
     "PeftModel",

@@ -12,12 +12,12 @@ from typing import Any
 from peftkit.config import Method, PeftConfig
 from peftkit.errors import PeftkitError
 from peftkit.methods import (
-    adalora, adapter, bitfit, freeze, full, ia3, ln_tuning, loha, lokr, lora, prefix, prompt, sparse, vera,
+    adalora, adapter, bitfit, freeze, full, ia3, ln_tuning, loha, lokr, lora, oft, prefix, prompt, sparse, vera,
 )
 
-# One line per method file, in the order `peftkit train --help` has no need of (names are listed sorted).
+# One entry per method file (the names are listed sorted wherever they are shown).
 METHOD_FILES: tuple[ModuleType, ...] = (
-    lora, adalora, vera, loha, lokr, ia3, adapter, prompt, prefix, sparse, bitfit, ln_tuning, freeze, full,
+    lora, adalora, vera, loha, lokr, oft, ia3, adapter, prompt, prefix, sparse, bitfit, ln_tuning, freeze, full,
 )
 
 METHODS: dict[str, Method] = {method.name: method for file in METHOD_FILES for method in file.METHODS}
