@@ -18,6 +18,7 @@ EXTRA_OF = {
     "tensorboard": "tensorboard",
     "mlflow": "mlflow",
     "wandb": "wandb",
+    "trl": "trl",
 }
 
 

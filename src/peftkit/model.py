@@ -9,7 +9,10 @@ switches, merges, saves and loads them.
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
+import functools
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +52,10 @@ class ParameterReport:
 class PeftModel(nn.Module):
     """A base model whose weights are frozen, plus one or more named adapters."""
 
+    # transformers reads this to tell a quantized base that carries trainable adapters (which Trainer
+    # trains) from a bare quantized model (which it refuses); see docs/trainers.md.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
         if isinstance(model, PeftModel):
@@ -63,6 +70,7 @@ class PeftModel(nn.Module):
         self._disabled = False
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        self._present_base_forward()
 
     # -- plumbing --------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -70,6 +78,31 @@ class PeftModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base_model"), name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with the adapter layers in it), as peft's get_base_model."""
+        return self.base_model
+
+    def _present_base_forward(self) -> None:
+        # Hugging Face Trainer keeps only the dataset columns that `inspect.signature(model.forward)` names,
+        # and finds the label columns from the signature of `type(model).forward`; for a peft model it asks
+        # the base model instead, which it cannot do for ours. So the wrapper's class presents the base
+        # model's forward signature (see _presenting_class).
+        plain = getattr(type(self), "_plain_class", type(self))
+        self.__class__ = _presenting_class(plain, type(self.base_model))
+
+    def __reduce_ex__(self, protocol):
+        # The presenting class is made at run time and cannot be found by name: pickle and deepcopy rebuild
+        # the plain class, and __setstate__ presents the base model's forward again.
+        reduced = super().__reduce_ex__(protocol)
+        plain = getattr(type(self), "_plain_class", None)
+        if plain is not None and reduced[0] is copyreg.__newobj__ and reduced[1][0] is type(self):
+            reduced = (_new_instance, (plain, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._present_base_forward()
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward. adapter_names (peft's keyword): one LoRA adapter name per example,
@@ -362,13 +395,17 @@ class PeftModel(nn.Module):
         owner = self.model_adapters[adapter_name] if adapter_name in self.model_adapters else None
         return getattr(owner, "module_key_prefix", None) or io.KEY_PREFIX
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        is_main_process: bool = True) -> list[str]:
         """Write each adapter as adapter_config.json + adapter_model.safetensors (peft layout).
 
         "default" goes into `save_directory`, any other adapter into `save_directory/<name>`.
-        Full fine-tuning writes the whole model instead. Returns the folders written.
+        Full fine-tuning writes the whole model instead. Returns the folders written (none where
+        `is_main_process` is False: the other processes of a distributed run, as in peft).
         """
         save_directory = os.fspath(save_directory)
+        if not is_main_process:
+            return []
         if self.is_full_finetune:
             return [self._save_full(save_directory)]
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
@@ -418,8 +455,25 @@ class PeftModel(nn.Module):
         return wrapped
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in folder `model_id` under `adapter_name` (not activated)."""
+        """Add the adapter saved in folder `model_id` under `adapter_name` (not activated).
+
+        If `adapter_name` already exists, its tensors are replaced by the saved ones, as peft does (this is
+        how Hugging Face Trainer resumes a peft model from a checkpoint); the saved adapter must then be of
+        the same method and shapes, and the existing adapter keeps its config (its scaling, for one).
+        """
         config = load_config(model_id)
+        if adapter_name in self.peft_config:
+            current = self.peft_config[adapter_name]
+            if config.peft_type != current.peft_type:
+                raise PeftkitError(
+                    f"{os.fspath(model_id)} holds a {config.peft_type} adapter but adapter {adapter_name!r} on this "
+                    f"model is {current.peft_type}; load it under another name, or delete_adapter({adapter_name!r}) first"
+                )
+            if any(adapter_name in m.merged_adapters for _, m in adapted_modules(self.base_model)):
+                raise PeftkitError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before loading new "
+                                   f"weights into it from {os.fspath(model_id)}")
+            self._fill_adapter(model_id, adapter_name, is_trainable)
+            return
         self.add_adapter(adapter_name, config)
         try:
             self._fill_adapter(model_id, adapter_name, is_trainable)
@@ -453,9 +507,48 @@ class PeftModel(nn.Module):
         if adapter_name in self.model_adapters:
             owner = self.model_adapters[adapter_name]
             owner.load_file_tensors({k: file_tensors[k] for k in owner.file_tensors()}, where=path)
-        if not is_trainable:
+        if is_trainable:
+            self._inference_only.discard(adapter_name)
+        else:
             self._inference_only.add(adapter_name)
         self._apply_active_state()
+
+
+def _new_instance(cls, *args):
+    """An empty instance of `cls`, as copyreg.__newobj__ (which pickle allows only for the object's own class)."""
+    return cls.__new__(cls, *args)
+
+
+@functools.lru_cache(maxsize=None)
+def _presenting_class(plain: type[PeftModel], base_type: type) -> type[PeftModel]:
+    """`plain` (PeftModel or a subclass) whose forward has the signature of `base_type.forward`, plus
+    peft's `adapter_names` keyword. One class per base model class, made once."""
+    try:
+        signature = inspect.signature(base_type.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read: present nothing
+        return plain
+    parameters = list(signature.parameters.values())
+    if "adapter_names" not in signature.parameters:
+        position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+        parameters.insert(position, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    try:
+        signature = signature.replace(parameters=parameters)
+    except ValueError:  # the base forward's parameters leave no place for a keyword: keep them as they are
+        pass
+
+    def forward(self, *args, **kwargs):
+        return plain.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = plain.forward.__doc__
+    # Trainer reads the label names of a question-answering model (start/end positions) by class name;
+    # peft's wrapper for one is called this too.
+    name = plain.__name__
+    if "QuestionAnswering" in base_type.__name__ and "QuestionAnswering" not in name:
+        name = f"{name}ForQuestionAnswering"
+    namespace = {"forward": forward, "_plain_class": plain, "__module__": plain.__module__, "__qualname__": name,
+                 "__doc__": plain.__doc__}
+    return type(name, (plain,), namespace)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
