@@ -146,7 +146,7 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
             started = time.perf_counter()
             call()
             times[variant].append(time.perf_counter() - started)
-        log(f"round done: " + ", ".join(f"{v} {t[-1]:.1f}s" for v, t in times.items()))
+        log("round done: " + ", ".join(f"{v} {t[-1]:.1f}s" for v, t in times.items()))
     return times
 
 

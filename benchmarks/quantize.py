@@ -31,7 +31,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from default_job import load_average, peftkit_command, write_results_json  # noq
 from lora_step_time import interleaved_step_times, step  # noqa: E402
 
 from peftkit import zoo  # noqa: E402
-from peftkit.quantize import QuantizedLinear, base_weight_bytes, quantize_model  # noqa: E402
+from peftkit.quantize import base_weight_bytes, quantize_model  # noqa: E402
 
 FORMATS = {  # label -> quantize_model arguments (None: the float32 base)
     "float32": None,

@@ -33,7 +33,7 @@ from peftkit.model import PeftModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterTrainerMixin", "SFTTrainer", "Trainer"]
+__all__ = ["AdapterTrainerMixin", "SFTTrainer", "Trainer"]  # noqa: F822  (SFTTrainer is made on first use)
 
 
 class AdapterTrainerMixin:

@@ -25,7 +25,13 @@ from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import full
 from peftkit.methods.base import (
-    Attached, ModelAdapter, ReplacementDelta, adapted_modules, attach_delta, iter_base_modules, remove_wrapper,
+    Attached,
+    ModelAdapter,
+    ReplacementDelta,
+    adapted_modules,
+    attach_delta,
+    iter_base_modules,
+    remove_wrapper,
 )
 from peftkit.mixed import running_adapter_names
 from peftkit.registry import method_for
@@ -443,7 +449,7 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False) -> "PeftModel":
+                        is_trainable: bool = False) -> PeftModel:
         """Wrap `model` with the adapter saved in folder `model_id` (peftkit's or peft's)."""
         config = load_config(model_id)
         wrapped = cls(model, config, adapter_name)
@@ -519,7 +525,7 @@ def _new_instance(cls, *args):
     return cls.__new__(cls, *args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _presenting_class(plain: type[PeftModel], base_type: type) -> type[PeftModel]:
     """`plain` (PeftModel or a subclass) whose forward has the signature of `base_type.forward`, plus
     peft's `adapter_names` keyword. One class per base model class, made once."""

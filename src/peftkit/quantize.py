@@ -353,7 +353,7 @@ def _head_paths(model: nn.Module, task_type: str | None) -> dict[str, str]:
     from peftkit.targeting import CLASSIFIER_HEAD_NAMES, output_layer_names
 
     heads = {}
-    for name, module in model.named_modules():
+    for name, _module in model.named_modules():
         if name.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES:
             heads[name] = "classification head (trained whole as modules_to_save)"
     for name in output_layer_names(model, task_type):

@@ -37,7 +37,7 @@ def byte_count(text: str) -> int:
     """'256MiB', '1.5GB', '0' or a plain number of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = text.strip().lower()
-    for unit, factor in units.items():
+    for unit, factor in units.items():  # noqa: B007  (factor is read after the break)
         if lowered.endswith(unit):
             number = lowered[: -len(unit)].strip()
             break

@@ -42,7 +42,8 @@ def add_parsers(commands) -> None:
     cache.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank servable (default: the largest found)")
     cache.add_argument("--max-labels", type=int, default=None, help="most classes an adapter may have (default: the most found)")
     limits = parser.add_argument_group("request limits")
-    limits.add_argument("--max-texts", type=int, default=defaults.max_texts, help="texts per classify request, prompts per completion request (default: --max-batch-size)")
+    limits.add_argument("--max-texts", type=int, default=defaults.max_texts,
+                        help="texts per classify request, prompts per completion request (default: --max-batch-size)")
     limits.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars, help="characters per text, prompt or message")
     limits.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text for classification (truncated)")
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")

@@ -164,7 +164,8 @@ def run(args) -> int:
     output_dir = args.output_dir or os.path.join("runs", f"{model_label}-{task_label}-{args.method}")
     training = dict(
         epochs=args.epochs if args.epochs is not None else (1 if causal else None),  # None: the method's default
-        max_steps=args.max_steps, max_time_s=None if args.max_minutes is None else 60 * args.max_minutes, batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
+        max_steps=args.max_steps, max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
+        batch_size=args.batch_size or (8 if causal else 32), weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,

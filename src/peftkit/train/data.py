@@ -374,7 +374,7 @@ def _build_task(
         if split_name != "train" and all(label == -1 for label in split.labels):
             # GLUE-style unlabeled test sets mark every label -1: there is nothing to evaluate on.
             warnings.warn(
-                f"{split.source}: every label is -1 (unlabeled), so the {split_name} split is left out"
+                f"{split.source}: every label is -1 (unlabeled), so the {split_name} split is left out", stacklevel=2
             )
             continue
         ids = _label_ids(split, label_names, names_from, accept_ids)
