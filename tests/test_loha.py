@@ -6,21 +6,12 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
 
 import peftkit
 from peftkit import LoHaConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule, adapted_modules
-
-
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 class ConvMix(nn.Module):
@@ -84,7 +75,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids, pixel_values
     make, kwargs = CASES[family]
     args, inputs = _inputs(family, input_ids, pixel_values)
     ours = get_peft_model(make(), LoHaConfig(**kwargs))
-    _randomise(ours)
+    randomise(ours, scale=0.3)
     expected = _output(ours, args, inputs)
     with ours.disable_adapter():
         assert not torch.allclose(_output(ours, args, inputs), expected, atol=1e-4)  # the adapter does something
@@ -98,7 +89,7 @@ def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids, pixel_values
     make, kwargs = CASES[family]
     args, inputs = _inputs(family, input_ids, pixel_values)
     theirs = peft.get_peft_model(make(), peft.LoHaConfig(**kwargs))
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.eval()
     expected = _output(theirs, args, inputs)
     theirs.save_pretrained(tmp_path)
@@ -158,7 +149,7 @@ def test_merge_is_exact_unmerge_restores_and_unload_is_plain(family, input_ids, 
     base = make()
     before = copy.deepcopy(base.state_dict())
     model = get_peft_model(base, LoHaConfig(**kwargs))
-    _randomise(model)
+    randomise(model, scale=0.3)
     unmerged = _output(model, args, inputs)
     model.merge_adapter()
     torch.testing.assert_close(_output(model, args, inputs), unmerged, rtol=1e-5, atol=1e-5)
@@ -200,7 +191,7 @@ def test_factored_linear_path_equals_the_full_update_with_gradients():
 
 def test_generate_on_llama_matches_greedy_decoding_and_the_merged_model(input_ids):
     model = get_peft_model(tiny_llama(), LoHaConfig(r=2, alpha=4, target_modules="all-linear"))
-    _randomise(model, seed=7)
+    randomise(model, seed=7, scale=0.3)
     with torch.no_grad():
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False)
         sequence = input_ids
@@ -223,7 +214,7 @@ def test_gpt2_conv1d_is_refused_like_peft_and_lm_head_works(input_ids):
         peft.get_peft_model(tiny_gpt2(), peft.LoHaConfig(target_modules=["c_attn"]))
     # The (tied) LM head is an nn.Linear: LoHa applies, generation follows it, merging is refused.
     model = get_peft_model(tiny_gpt2(), LoHaConfig(r=2, target_modules=["lm_head"]))
-    _randomise(model)
+    randomise(model, scale=0.3)
     with torch.no_grad():
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False)
         sequence = input_ids
@@ -239,9 +230,9 @@ def test_save_load_round_trip_and_two_named_adapters(tmp_path, input_ids):
     inputs = {"input_ids": input_ids}
     model = get_peft_model(tiny_llama(), LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]))
     model.add_adapter("second", LoHaConfig(r=4, alpha=2, target_modules=["v_proj", "down_proj"], use_effective_conv2d=True))
-    _randomise(model)  # only "default" is trainable now
+    randomise(model, scale=0.3)  # only "default" is trainable now
     model.set_adapter("second")
-    _randomise(model, seed=5)
+    randomise(model, seed=5, scale=0.3)
     second = _output(model, (), inputs)
     model.set_adapter("default")
     default = _output(model, (), inputs)

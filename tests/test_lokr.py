@@ -6,22 +6,13 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from torch import nn
 
 from peftkit import LoKrConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule, adapted_modules
 from peftkit.methods.lokr import factorization
-
-
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 class ConvMix(nn.Module):
@@ -136,7 +127,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids, pixel_values
     make, kwargs = CASES[family]
     args, inputs = _inputs(family, input_ids, pixel_values)
     ours = get_peft_model(make(), LoKrConfig(**kwargs))
-    _randomise(ours)
+    randomise(ours, scale=0.3)
     expected = _output(ours, args, inputs)
     with ours.disable_adapter():
         assert not torch.allclose(_output(ours, args, inputs), expected, atol=1e-4)  # the adapter does something
@@ -150,7 +141,7 @@ def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids, pixel_values
     make, kwargs = CASES[family]
     args, inputs = _inputs(family, input_ids, pixel_values)
     theirs = peft.get_peft_model(make(), peft.LoKrConfig(**kwargs))
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.eval()
     expected = _output(theirs, args, inputs)
     theirs.save_pretrained(tmp_path)
@@ -195,7 +186,7 @@ def test_merge_is_exact_unmerge_restores_and_unload_is_plain(family, input_ids, 
     base = make()
     before = copy.deepcopy(base.state_dict())
     model = get_peft_model(base, LoKrConfig(**kwargs))
-    _randomise(model)
+    randomise(model, scale=0.3)
     unmerged = _output(model, args, inputs)
     model.merge_adapter()
     torch.testing.assert_close(_output(model, args, inputs), unmerged, rtol=1e-5, atol=1e-5)
@@ -226,7 +217,7 @@ def test_linear_path_never_builds_the_update_and_equals_it_with_gradients(r):
 
 def test_generate_on_llama_matches_greedy_decoding_and_the_merged_model(input_ids):
     model = get_peft_model(tiny_llama(), LoKrConfig(r=2, alpha=4, target_modules="all-linear"))
-    _randomise(model, seed=7)
+    randomise(model, seed=7, scale=0.3)
     with torch.no_grad():
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False)
         sequence = input_ids
@@ -246,7 +237,7 @@ def test_gpt2_conv1d_is_refused_like_peft_and_lm_head_works(input_ids):
     with pytest.raises((TypeError, ValueError)):  # peft has no LoKr layer for Conv1D either
         peft.get_peft_model(tiny_gpt2(), peft.LoKrConfig(target_modules=["c_fc"]))
     model = get_peft_model(tiny_gpt2(), LoKrConfig(r=2, target_modules=["lm_head"]))
-    _randomise(model)
+    randomise(model, scale=0.3)
     with torch.no_grad():
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False)
         sequence = input_ids
@@ -262,9 +253,9 @@ def test_save_load_round_trip_and_two_named_adapters(tmp_path, input_ids):
     inputs = {"input_ids": input_ids}
     model = get_peft_model(tiny_llama(), LoKrConfig(r=2, target_modules=["q_proj", "v_proj"]))
     model.add_adapter("second", LoKrConfig(r=16, alpha=2, target_modules=["v_proj", "down_proj"], decompose_both=True))
-    _randomise(model)  # only "default" is trainable now
+    randomise(model, scale=0.3)  # only "default" is trainable now
     model.set_adapter("second")
-    _randomise(model, seed=5)
+    randomise(model, seed=5, scale=0.3)
     second = _output(model, (), inputs)
     model.set_adapter("default")
     default = _output(model, (), inputs)
