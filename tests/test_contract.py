@@ -29,7 +29,7 @@ from conftest import logits, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_v
 
 import peftkit
 from peftkit import PeftkitError, PeftModel, get_peft_model
-from peftkit.methods.base import AdaptedModule, adapted_modules
+from peftkit.methods.base import AdaptedModule
 
 MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
 KINDS = tuple(MODELS)
