@@ -93,6 +93,23 @@ def tiny_chat_model_folder(folder, seed=0):
     return folder
 
 
+def randomise(model, seed=3, scale=0.1):
+    """Give every trainable tensor a non-trivial value, as training would: zero-initialised factors (LoRA's B,
+    LoHa's w2_b, ...) become random, so a test sees a real update. Deterministic given `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def logits(model, *args, **kwargs):
+    """The model's output without gradients: `.logits` for Hugging Face models, the tensor for plain modules."""
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 

@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import TINY_MODELS, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import load_file
 
 import peftkit
@@ -28,15 +28,6 @@ def _one_thread():
 
 
 BERT = dict(init_r=4, target_r=2, target_modules=["query", "value"], total_step=20, tinit=2, tfinal=4, deltaT=2)
-
-
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
 def _no_dropout(model):
@@ -111,7 +102,7 @@ def test_merge_is_exact_and_unmerge_restores(family, input_ids):
     base = TINY_MODELS[family]()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, AdaLoraConfig(init_r=3, target_r=2, target_modules="all-linear", total_step=10))
-    _randomise(model)
+    randomise(model)
     with torch.no_grad():
         unmerged = model(input_ids=input_ids).logits
         model.merge_adapter()
@@ -158,11 +149,11 @@ def test_vision_model_with_conv2d(pixel_values):
 def test_two_named_adapters(tmp_path, input_ids):
     model = get_peft_model(tiny_bert(), AdaLoraConfig(**BERT))
     model.add_adapter("second", AdaLoraConfig(init_r=3, target_r=2, target_modules=["key"], total_step=10))
-    _randomise(model)
+    randomise(model)
     with torch.no_grad():
         first = model(input_ids=input_ids).logits
         model.set_adapter("second")
-        _randomise(model, seed=5)
+        randomise(model, seed=5)
         second = model(input_ids=input_ids).logits
     assert not torch.allclose(first, second)
     assert all(n.split(".adapters.")[1].startswith("second.") for n, p in model.named_parameters() if p.requires_grad)
@@ -185,7 +176,7 @@ def _peft_and_ours_from_same_weights(tmp_path, kwargs):
     """
     kwargs = dict(kwargs, task_type="SEQ_CLS")
     theirs = peft.get_peft_model(_no_dropout(tiny_bert()), peft.AdaLoraConfig(**kwargs))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.save_pretrained(tmp_path / "start")
     theirs = peft.PeftModel.from_pretrained(_no_dropout(tiny_bert()), tmp_path / "start", is_trainable=True)
     ours = PeftModel.from_pretrained(_no_dropout(tiny_bert()), tmp_path / "start", is_trainable=True)
@@ -319,7 +310,7 @@ def test_schedule_that_does_not_fit_the_run_is_refused(tmp_path):
 
 def test_resumed_run_recovers_the_final_ranks_from_the_zeroed_values():
     model = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=3, target_r=2, target_modules=["query"], total_step=10, tfinal=3))
-    _randomise(model)
+    randomise(model)
     with torch.no_grad():
         for index, delta in enumerate(_deltas(model).values()):
             delta.lora_E[index % 3] = 0.0
@@ -358,7 +349,7 @@ def _train_peft_allocation(model, kwargs, family):
 def test_peft_adapter_with_pruned_ranks_loads_in_peftkit(family, tmp_path, input_ids):
     build, kwargs = INTEROP[family]
     theirs = peft.get_peft_model(_no_dropout(build()), peft.AdaLoraConfig(**kwargs))
-    _randomise(theirs)
+    randomise(theirs)
     _train_peft_allocation(theirs, kwargs, family)
     with torch.no_grad():
         expected = theirs(input_ids=input_ids).logits
@@ -385,7 +376,7 @@ def test_peftkit_adapter_with_pruned_ranks_loads_in_peft(family, tmp_path, input
     pattern[f"{paths[0]}.lora_E"] = [False] * kwargs["init_r"]
     pattern[f"{paths[-1]}.lora_E"] = [True] * kwargs["init_r"]
     ours = get_peft_model(build(), AdaLoraConfig(**kwargs, rank_pattern=pattern))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
     ours.save_pretrained(tmp_path)
@@ -401,7 +392,7 @@ def test_peftkit_adapter_with_pruned_ranks_loads_in_peft(family, tmp_path, input
 def test_vit_adapter_moves_both_ways(tmp_path, pixel_values):
     kwargs = dict(init_r=4, target_r=2, target_modules=["projection", "q_proj"], total_step=10)
     ours = get_peft_model(tiny_vit(), AdaLoraConfig(**kwargs))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(pixel_values=pixel_values).logits
     ours.save_pretrained(tmp_path / "ours")
@@ -409,7 +400,7 @@ def test_vit_adapter_moves_both_ways(tmp_path, pixel_values):
     with torch.no_grad():
         torch.testing.assert_close(theirs(pixel_values=pixel_values).logits, expected, rtol=1e-5, atol=1e-6)
     theirs = peft.get_peft_model(tiny_vit(), peft.AdaLoraConfig(**kwargs))
-    _randomise(theirs, seed=8)
+    randomise(theirs, seed=8)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(pixel_values=pixel_values).logits
@@ -421,7 +412,7 @@ def test_vit_adapter_moves_both_ways(tmp_path, pixel_values):
 
 def test_untrained_adapter_without_total_step_saves_a_schedule_peft_accepts(tmp_path, input_ids):
     ours = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=4, target_r=2, target_modules=["query"], tinit=0.1, tfinal=0.5))
-    _randomise(ours)
+    randomise(ours)
     ours.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert isinstance(saved["tinit"], int) and saved["tinit"] < saved["total_step"] - saved["tfinal"]
@@ -473,7 +464,7 @@ def test_job_default_builds_and_peft_reads_its_fields():
 def test_peft_file_with_target_rank_above_initial_rank_loads_for_inference(tmp_path, input_ids):
     # peft writes its default target_r=8 whatever init_r; for inference that is harmless.
     theirs = peft.get_peft_model(tiny_bert(), peft.AdaLoraConfig(init_r=4, target_modules=["query"], total_step=10))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(tiny_bert(), tmp_path)

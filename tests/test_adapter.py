@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ConvNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import ConvNet, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -36,15 +36,6 @@ def _logits(model, inputs):
         return model(**inputs).logits
 
 
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
 def _delta(model, path, adapter_name="default") -> BottleneckDelta:
     return dict(adapted_modules(model.base_model))[path].adapters[adapter_name]
 
@@ -56,7 +47,7 @@ def test_new_adapter_leaves_the_model_exactly_as_it_was(family, form, input_ids,
     expected = _logits(FAMILIES[family](), inputs)
     model = get_peft_model(FAMILIES[family](), BottleneckConfig(bottleneck_size=8, form=form, activation="tanh"))
     torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=0)
-    _randomise(model)  # the adapters are really in the path: a trained one changes the output
+    randomise(model, scale=0.3)  # the adapters are really in the path: a trained one changes the output
     assert not torch.allclose(_logits(model, inputs), expected, atol=1e-4)
 
 
@@ -93,7 +84,7 @@ def test_bert_adapts_the_dense_projections_before_residual_and_layernorm():
 def test_forms_compute_what_the_docs_say(form, activation, function):
     # Llama's down_proj reads 64 features and writes 32: the two forms read different widths.
     model = get_peft_model(tiny_llama(), BottleneckConfig(bottleneck_size=6, form=form, activation=activation, scaling=0.7))
-    _randomise(model)
+    randomise(model, scale=0.3)
     wrapped = model.base_model.model.layers[0].mlp.down_proj
     delta = wrapped.adapters["default"]
     read_width = 64 if form == "parallel" else 32
@@ -113,7 +104,7 @@ def test_sequential_and_parallel_differ_and_scaling_scales_the_update(input_ids)
     for form in ("sequential", "parallel"):
         for scaling in (1.0, 0.5):
             model = get_peft_model(tiny_gpt2(), BottleneckConfig(bottleneck_size=4, form=form, scaling=scaling))
-            _randomise(model)
+            randomise(model, scale=0.3)
             wrapped = model.base_model.transformer.h[0].attn.c_proj
             x = torch.randn(1, 3, 32)
             with torch.no_grad():
@@ -165,7 +156,7 @@ def test_save_and_load_round_trip(family, tmp_path, input_ids, pixel_values):
     config = BottleneckConfig(reduction_factor=4, form="parallel", activation="gelu", scaling=2.0, modules_to_save=(
         ["classifier"] if family in ("bert", "vit") else None))
     model = get_peft_model(FAMILIES[family](), config)
-    _randomise(model)
+    randomise(model, scale=0.3)
     expected = _logits(model, inputs)
     model.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
@@ -198,9 +189,9 @@ def test_loading_into_another_model_size_is_refused(tmp_path):
 def test_two_named_adapters_switch_and_stack(input_ids):
     model = get_peft_model(tiny_llama(), BottleneckConfig(bottleneck_size=4))
     model.add_adapter("parallel", BottleneckConfig(bottleneck_size=6, form="parallel", placement="pfeiffer"))
-    _randomise(model)  # only "default" is active, so only it is trainable
+    randomise(model, scale=0.3)  # only "default" is active, so only it is trainable
     model.set_adapter("parallel")
-    _randomise(model, seed=4)
+    randomise(model, seed=4, scale=0.3)
     inputs = {"input_ids": input_ids}
     base = _logits(tiny_llama(), inputs)
     parallel_only = _logits(model, inputs)
@@ -225,7 +216,7 @@ def test_two_named_adapters_switch_and_stack(input_ids):
 @pytest.mark.parametrize("form", ["sequential", "parallel"])
 def test_generate_matches_greedy_decoding_without_cache(family, form, input_ids):
     model = get_peft_model(FAMILIES[family](), BottleneckConfig(bottleneck_size=8, form=form, activation="swish"))
-    _randomise(model)
+    randomise(model, scale=0.3)
     with torch.no_grad():
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False)
         sequence = input_ids
@@ -240,7 +231,7 @@ def test_generate_matches_greedy_decoding_without_cache(family, form, input_ids)
 
 def test_merge_is_refused_with_the_reason_and_nothing_changes(input_ids):
     model = get_peft_model(tiny_gpt2(), BottleneckConfig(bottleneck_size=4))
-    _randomise(model)
+    randomise(model, scale=0.3)
     inputs = {"input_ids": input_ids}
     before = _logits(model, inputs)
     with pytest.raises(PeftkitError, match="nonlinear"):

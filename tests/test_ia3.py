@@ -6,9 +6,8 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, ConvNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import TINY_MODELS, ConvNet, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import load_file
-from test_interop import _randomise
 
 from peftkit import IA3Config, PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule
@@ -79,7 +78,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
     ours = get_peft_model(_with_random_biases(TINY_MODELS[family]()), IA3Config(**INTEROP_CASES[family]))
     theirs_fresh = peft.get_peft_model(_with_random_biases(TINY_MODELS[family]()), peft.IA3Config(**INTEROP_CASES[family]))
     assert ours.get_nb_trainable_parameters() == theirs_fresh.get_nb_trainable_parameters()
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
         with ours.disable_adapter():
@@ -94,7 +93,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
 @pytest.mark.parametrize("family", list(INTEROP_CASES))
 def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids):
     theirs = peft.get_peft_model(_with_random_biases(TINY_MODELS[family]()), peft.IA3Config(**INTEROP_CASES[family]))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=input_ids).logits
@@ -116,7 +115,7 @@ def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids):
 ])
 def test_peftkit_only_choices_are_saved_so_peft_reads_them_the_same(kwargs, tmp_path, input_ids):
     ours = get_peft_model(tiny_llama(), IA3Config(**kwargs))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
     ours.save_pretrained(tmp_path)
@@ -161,9 +160,9 @@ def test_training_changes_only_the_vectors_and_head(input_ids):
 def test_save_load_round_trip_and_two_named_adapters(tmp_path, input_ids):
     model = get_peft_model(tiny_llama(), IA3Config())
     model.add_adapter("other", IA3Config(target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]))
-    _randomise(model)
+    randomise(model)
     model.set_adapter("other")
-    _randomise(model, seed=5)
+    randomise(model, seed=5)
     outputs = {}
     with torch.no_grad():
         for name in ["default", "other"]:
@@ -305,7 +304,7 @@ def test_convolutions_match_peft_and_merge_exactly(tmp_path):
     image, labels = torch.randn(2, 3, 6, 6), torch.tensor([1, 7])
     config = dict(target_modules=["conv", "head"], feedforward_modules=["head"])
     theirs = peft.get_peft_model(ConvNet(), peft.IA3Config(**config))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(image, labels)

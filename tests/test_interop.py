@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS
+from conftest import TINY_MODELS, randomise
 from safetensors.torch import load_file
 
 import peftkit
@@ -20,19 +20,10 @@ CASES = {
 }
 
 
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
 @pytest.mark.parametrize("family", list(CASES))
 def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), LoraConfig(**CASES[family]))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
     ours.save_pretrained(tmp_path)
@@ -45,7 +36,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
 @pytest.mark.parametrize("family", list(CASES))
 def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.LoraConfig(**CASES[family]))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=input_ids).logits
@@ -61,7 +52,7 @@ def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids):
 def test_all_linear_with_layer_choice_is_saved_as_explicit_names(tmp_path, input_ids):
     # peft refuses a string target_modules together with layers_to_transform; the saved file lists names.
     ours = get_peft_model(TINY_MODELS["llama"](), LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[1]))
-    _randomise(ours)
+    randomise(ours)
     ours.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert "model.layers.1.self_attn.q_proj" in saved and not any(".layers.0." in n for n in saved)
@@ -84,7 +75,7 @@ def test_saved_keys_and_config_use_peft_layout(tmp_path):
 
 def test_pissa_adapter_is_saved_as_plain_lora_that_peft_loads(tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS["llama"](), LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights="pissa"))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
     ours.save_pretrained(tmp_path)
@@ -100,9 +91,9 @@ def test_pissa_adapter_is_saved_as_plain_lora_that_peft_loads(tmp_path, input_id
 def test_several_adapters_save_in_subfolders_like_peft(tmp_path, input_ids):
     model = get_peft_model(TINY_MODELS["gpt2"](), LoraConfig(r=2, target_modules=["c_attn"]))
     model.add_adapter("second", LoraConfig(r=3, target_modules=["c_fc"]))
-    _randomise(model)
+    randomise(model)
     model.set_adapter("second")
-    _randomise(model, seed=5)
+    randomise(model, seed=5)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists()
     assert (tmp_path / "second" / "adapter_model.safetensors").exists()

@@ -6,9 +6,8 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, ConvNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import TINY_MODELS, ConvNet, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import load_file
-from test_interop import _randomise
 
 from peftkit import LNTuningConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule
@@ -43,7 +42,7 @@ def test_saved_keys_and_config_use_peft_layout(tmp_path):
 @pytest.mark.parametrize("family", list(CASES))
 def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), LNTuningConfig(**CASES[family]))
-    _randomise(ours)
+    randomise(ours)
     with torch.no_grad():
         expected = ours(input_ids=input_ids).logits
         with ours.disable_adapter():
@@ -57,7 +56,7 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path, input_ids):
 @pytest.mark.parametrize("family", list(CASES))
 def test_peft_adapter_loads_in_peftkit(family, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.LNTuningConfig(**CASES[family]))
-    _randomise(theirs)
+    randomise(theirs)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=input_ids).logits
@@ -75,7 +74,7 @@ def test_bert_default_trains_every_layernorm_and_peft_reads_the_saved_names(tmp_
     ours = get_peft_model(tiny_bert(), LNTuningConfig(task_type="SEQ_CLS"))
     theirs = peft.get_peft_model(tiny_bert(), peft.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS"))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    _randomise(ours)
+    randomise(ours)
     ours.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["LayerNorm"]
     loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
@@ -111,9 +110,9 @@ def test_training_changes_only_the_copies_and_head(input_ids):
 def test_save_load_round_trip_and_two_named_adapters(tmp_path, input_ids):
     model = get_peft_model(tiny_gpt2(), LNTuningConfig())
     model.add_adapter("other", LNTuningConfig(target_modules=["ln_f"]))
-    _randomise(model)
+    randomise(model)
     model.set_adapter("other")
-    _randomise(model, seed=5)
+    randomise(model, seed=5)
     outputs = {}
     with torch.no_grad():
         for name in ["default", "other"]:
@@ -140,7 +139,7 @@ def _greedy_without_cache(model, input_ids, steps):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_decoder_generate_matches_step_by_step_and_merged(family, input_ids):
     model = get_peft_model(TINY_MODELS[family](), LNTuningConfig())
-    _randomise(model, seed=7)
+    randomise(model, seed=7)
     options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
     with torch.no_grad():
         generated = model.generate(input_ids, **options)
@@ -154,7 +153,7 @@ def test_merge_is_exact_and_unmerge_restores_bit_for_bit(family, input_ids):
     base = TINY_MODELS[family]()
     before = copy.deepcopy(base.state_dict())
     model = get_peft_model(base, LNTuningConfig(target_modules=["LayerNorm"]) if family == "bert" else LNTuningConfig())
-    _randomise(model)
+    randomise(model)
     with torch.no_grad():
         unmerged = model(input_ids=input_ids).logits
         model.merge_adapter()

@@ -6,7 +6,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import randomise, tiny_bert, tiny_gpt2, tiny_llama
 
 from peftkit import IA3Config, LoraConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.mixed import BASE_ADAPTER, MixedLoraModel, gathered_lora_update
@@ -19,20 +19,12 @@ BERT_ADAPTERS = {
 }
 
 
-def _randomise(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-
-
 def _save_adapters(make_model, adapters, root, **extra):
     """Save each adapter with random nonzero factors (and its own head for SEQ_CLS); {name: folder}."""
     folders = {}
     for seed, (name, fields) in enumerate(adapters.items()):
         model = get_peft_model(make_model(), LoraConfig(**fields, **extra))
-        _randomise(model, seed)
+        randomise(model, seed, scale=0.2)
         folders[name] = str(root / name)
         model.save_pretrained(folders[name])
     return folders

@@ -4,17 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import randomise, tiny_bert, tiny_gpt2
 
 from peftkit import BitFitConfig, FreezeConfig, FullFinetuneConfig, LoraConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule
-
-
-def _randomise(model, names=None):
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
 
 
 def test_named_adapters_switch_disable_delete(input_ids):
@@ -22,11 +15,11 @@ def test_named_adapters_switch_disable_delete(input_ids):
     with torch.no_grad():
         reference = base(input_ids=input_ids).logits.clone()
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"]), adapter_name="a")
-    _randomise(model)
+    randomise(model)
     model.add_adapter("b", BitFitConfig())
     assert model.active_adapters == ["a"]
     model.set_adapter("b")
-    _randomise(model)
+    randomise(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.b." in n for n in trainable)
     with torch.no_grad():
@@ -122,7 +115,7 @@ def test_full_finetune_trains_everything_and_saves_a_plain_model(tmp_path, input
     model = get_peft_model(tiny_bert(), FullFinetuneConfig())
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == total
-    _randomise(model)
+    randomise(model)
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
     model.save_pretrained(tmp_path)
@@ -137,7 +130,7 @@ def test_bitfit_freeze_and_lora_save_load_round_trip(tmp_path, input_ids):
     for config in [BitFitConfig(modules_to_save=["classifier"]), FreezeConfig(last_k=1, train_layernorm=True),
                    LoraConfig(r=2, target_modules="all-linear", bias="all")]:
         model = get_peft_model(tiny_bert(), config)
-        _randomise(model)
+        randomise(model)
         with torch.no_grad():
             expected = model(input_ids=input_ids).logits
         folder = tmp_path / config.peft_type

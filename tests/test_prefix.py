@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import TINY_MODELS, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from packaging.version import Version
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification, DynamicCache, LlamaForCausalLM
@@ -44,15 +44,6 @@ FAMILIES_PEFT_RUNS = [pytest.param(family, marks=peft_refuses_bert) if family ==
 
 def config_kwargs(family, variant, **changes):
     return {"task_type": TASKS[family], **PROJECTION[variant], **changes}
-
-
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 def _logits(model, **inputs):
@@ -92,7 +83,7 @@ def test_parameter_counts_equal_peft(family, variant):
 @pytest.mark.parametrize("variant", list(PROJECTION))
 def test_peftkit_adapter_loads_in_peft(family, variant, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), PrefixTuningConfig(**config_kwargs(family, variant)))
-    _randomise(ours)
+    randomise(ours, scale=0.3)
     expected = _logits(ours, input_ids=input_ids)
     with ours.disable_adapter():
         assert not torch.allclose(_logits(ours, input_ids=input_ids), expected, atol=1e-3)  # the prefix matters
@@ -110,7 +101,7 @@ def test_peftkit_adapter_loads_in_peft(family, variant, tmp_path, input_ids):
 @pytest.mark.parametrize("variant", list(PROJECTION))
 def test_peft_adapter_loads_in_peftkit(family, variant, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.PrefixTuningConfig(**config_kwargs(family, variant)))
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.eval()
     expected = _logits(theirs, input_ids=input_ids)
     theirs.save_pretrained(tmp_path)
@@ -148,7 +139,7 @@ def test_given_position_ids_move_past_the_prefix_as_in_peft(tmp_path):
     # Position ids passed in are shifted by num_virtual_tokens (peft does so); a model counting on from the
     # cache gives the same positions, so both calls agree with peft's.
     theirs = peft.get_peft_model(tiny_gpt2(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
     tokens = torch.randint(2, 120, (2, 7), generator=torch.Generator().manual_seed(4))
@@ -186,7 +177,7 @@ def test_training_changes_only_the_prefix_and_head(variant, input_ids):
 @pytest.mark.parametrize("family", list(TASKS))
 def test_save_and_load_round_trip(family, tmp_path, input_ids):
     model = get_peft_model(TINY_MODELS[family](), PrefixTuningConfig(**config_kwargs(family, "projection")))
-    _randomise(model)
+    randomise(model, scale=0.3)
     expected = _logits(model, input_ids=input_ids)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(TINY_MODELS[family](), tmp_path)
@@ -210,7 +201,7 @@ def test_zero_init_and_inputs_embeds(input_ids):
     theirs = peft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                                                        init_weights="zero", prefix_projection=True))
     assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    _randomise(model)
+    randomise(model, scale=0.3)
     embeds = model.base_model.get_input_embeddings()(input_ids)
     torch.testing.assert_close(_logits(model, inputs_embeds=embeds), _logits(model, input_ids=input_ids))
 
@@ -218,10 +209,10 @@ def test_zero_init_and_inputs_embeds(input_ids):
 def test_two_named_adapters_switch_and_disable(tmp_path, input_ids):
     model = get_peft_model(tiny_gpt2(), PrefixTuningConfig(num_virtual_tokens=3))
     model.add_adapter("long", PrefixTuningConfig(num_virtual_tokens=7, prefix_projection=True))
-    _randomise(model)
+    randomise(model, scale=0.3)
     first = _logits(model, input_ids=input_ids)
     model.set_adapter("long")
-    _randomise(model, seed=5)
+    randomise(model, seed=5, scale=0.3)
     second = _logits(model, input_ids=input_ids)
     assert not torch.allclose(first, second, atol=1e-3)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -244,7 +235,7 @@ def test_two_named_adapters_switch_and_disable(tmp_path, input_ids):
 
 def test_bert_padded_batch_gives_each_example_its_own_result():
     model = get_peft_model(tiny_bert(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
-    _randomise(model)
+    randomise(model, scale=0.3)
     tokens = torch.randint(2, 120, (3, 8), generator=torch.Generator().manual_seed(6))
     lengths = [8, 5, 3]
     mask = (torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]).long()
@@ -270,7 +261,7 @@ def test_decoder_right_padded_batch_gives_each_example_its_own_logits(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_generate_equals_greedy_decoding_without_cache(family, input_ids):
     model = get_peft_model(TINY_MODELS[family](), PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True))
-    _randomise(model)
+    randomise(model, scale=0.3)
     # a left-padded batch: example 1 has three pad tokens in front
     mask = torch.ones_like(input_ids)
     mask[1, :3] = 0
@@ -299,7 +290,7 @@ def test_generate_equals_greedy_decoding_without_cache(family, input_ids):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_generate_equals_peft_generate(family, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.eval().save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(TINY_MODELS[family](), tmp_path)
     mask = torch.ones_like(input_ids)
@@ -349,7 +340,7 @@ class LlamaTakingPastKeyValues(LlamaForCausalLM):
 @pytest.mark.parametrize("model_class, name", [(LlamaTakingCache, "cache"), (LlamaTakingPastKeyValues, "past_key_values")])
 def test_prefix_reaches_a_model_under_the_name_its_forward_takes(model_class, name, input_ids):
     reference = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4))
-    _randomise(reference)
+    randomise(reference, scale=0.3)
     plain = reference.base_model
     renamed = model_class(plain.config).eval()
     renamed.load_state_dict(plain.state_dict())

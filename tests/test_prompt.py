@@ -6,7 +6,7 @@ import shutil
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import TINY_MODELS, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import load_file
 
 from peftkit import PeftkitError, PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
@@ -36,15 +36,6 @@ def peft_config(method, family):
     return cls(task_type=TASKS[family], **kwargs)
 
 
-def _randomise(model, seed=3):
-    """Give every trainable tensor a non-trivial value, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
 def _greedy_without_cache(model, input_ids, steps):
     """Reference decoding: the full forward pass on the whole sequence at every step, no cache."""
     sequence = input_ids
@@ -68,7 +59,7 @@ def test_parameter_counts_equal_peft(family, method):
 @pytest.mark.parametrize("family, method", CASES)
 def test_peftkit_file_loads_in_peft(family, method, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), ours_config(method, family))
-    _randomise(ours)
+    randomise(ours, scale=0.3)
     ours.eval()
     labels = torch.tensor([0, 2]) if family == "bert" else input_ids
     with torch.no_grad():
@@ -89,7 +80,7 @@ def test_peftkit_file_loads_in_peft(family, method, tmp_path, input_ids):
 @pytest.mark.parametrize("family, method", CASES)
 def test_peft_file_loads_in_peftkit(family, method, tmp_path, input_ids):
     theirs = peft.get_peft_model(TINY_MODELS[family](), peft_config(method, family))
-    _randomise(theirs)
+    randomise(theirs, scale=0.3)
     theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=input_ids).logits
@@ -120,7 +111,7 @@ def test_saved_file_has_peft_layout(tmp_path):
 
 def test_ptuning_file_holds_the_encoder_output(tmp_path, input_ids):
     model = get_peft_model(tiny_gpt2(), ours_config("ptuning-lstm", "gpt2"))
-    _randomise(model)
+    randomise(model, scale=0.3)
     model.train()  # dropout in the LSTM must not reach the file
     model.save_pretrained(tmp_path)
     owner = model.model_adapters["default"]
@@ -177,7 +168,7 @@ def test_sequence_classification_labels_stay_per_example(input_ids):
 
 def test_causal_lm_loss_ignores_virtual_tokens(input_ids):
     model = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
-    _randomise(model)
+    randomise(model, scale=0.3)
     with torch.no_grad():
         output = model(input_ids=input_ids, labels=input_ids)
     # Positions predict the next token: the last virtual token predicts the first real one (as in
@@ -222,7 +213,7 @@ def test_merging_is_refused_with_the_reason(method, input_ids):
 @pytest.mark.parametrize("family", list(TASKS))
 def test_right_padded_batch_matches_each_example_alone(family):
     model = get_peft_model(TINY_MODELS[family](), ours_config("prompt", family))
-    _randomise(model)
+    randomise(model, scale=0.3)
     long, short = torch.arange(10, 19)[None], torch.arange(40, 45)[None]
     batch = torch.cat([long, torch.cat([short, torch.zeros(1, 4, dtype=torch.long)], dim=1)])
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -240,7 +231,7 @@ def test_right_padded_batch_matches_each_example_alone(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_left_padded_batch_with_position_ids_matches_each_example_alone(family):
     model = get_peft_model(TINY_MODELS[family](), ours_config("ptuning-mlp", family))
-    _randomise(model)
+    randomise(model, scale=0.3)
     long, short = torch.arange(10, 19)[None], torch.arange(40, 45)[None]
     batch = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)])
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -258,7 +249,7 @@ def test_left_padded_batch_with_position_ids_matches_each_example_alone(family):
 
 def test_inputs_embeds_and_token_type_ids_are_handled(input_ids):
     model = get_peft_model(tiny_bert(), PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
-    _randomise(model)
+    randomise(model, scale=0.3)
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
         embeds = model.get_input_embeddings()(input_ids)
@@ -273,7 +264,7 @@ def test_inputs_embeds_and_token_type_ids_are_handled(input_ids):
 @pytest.mark.parametrize("family, method", [("gpt2", "prompt"), ("llama", "prompt"), ("llama", "ptuning-lstm")])
 def test_generate_equals_greedy_decoding_without_cache(family, method, input_ids):
     model = get_peft_model(TINY_MODELS[family](), ours_config(method, family))
-    _randomise(model)
+    randomise(model, scale=0.3)
     model.eval()
     generated = model.generate(input_ids=input_ids, max_new_tokens=5, do_sample=False)
     assert generated.shape == (2, 9 + 5)
@@ -288,7 +279,7 @@ def test_generate_equals_greedy_decoding_without_cache(family, method, input_ids
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_generate_matches_peft(family, tmp_path, input_ids):
     ours = get_peft_model(TINY_MODELS[family](), ours_config("prompt", family))
-    _randomise(ours)
+    randomise(ours, scale=0.3)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(TINY_MODELS[family](), tmp_path).eval()
     expected = theirs.generate(input_ids=input_ids, max_new_tokens=5, do_sample=False)
@@ -298,7 +289,7 @@ def test_generate_matches_peft(family, tmp_path, input_ids):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_left_padded_generate_matches_each_prompt_alone(family):
     model = get_peft_model(TINY_MODELS[family](), ours_config("prompt", family))
-    _randomise(model)
+    randomise(model, scale=0.3)
     long, short = torch.arange(10, 17)[None], torch.arange(40, 44)[None]
     batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)])
     mask = torch.ones(2, 7, dtype=torch.long)
