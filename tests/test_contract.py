@@ -83,6 +83,10 @@ ROWS = [
         peft="LoHaConfig"),
     Row("lokr", peftkit.LoKrConfig, lambda k: dict(r=2, alpha=4, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit"),
         peft="LoKrConfig"),
+    # OFT rotates the inputs of linear layers in blocks (8 wide here: the tiny models are 32 wide); GPT-2's Conv1D is
+    # refused at wrap time (tests/test_oft.py), as in peft.
+    Row("oft", peftkit.OFTConfig, lambda k: dict(oft_block_size=8, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit"),
+        peft="OFTConfig"),
     # ia3 / ln_tuning: peft has no default targets for ViT, so ViT names them
     Row("ia3", peftkit.IA3Config, lambda k: dict(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])
         if k == "vit" else dict(), peft="IA3Config"),
