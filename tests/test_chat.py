@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHATML, byte_level_tokenizer, tiny_llama
 
-from conftest import tiny_llama
 from peftkit.errors import PeftkitError
 from peftkit.train.chat import (
     FALLBACK_CHAT_TEMPLATE,
@@ -28,7 +28,6 @@ from peftkit.train.chat import (
     tokenize_conversations,
 )
 
-from conftest import CHATML, byte_level_tokenizer
 
 @pytest.fixture(scope="module")
 def chatml_tokenizer():

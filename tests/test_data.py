@@ -15,10 +15,10 @@ from peftkit.train.data import (
     PaddingCollator,
     TaskData,
     hold_out_validation,
-    with_validation,
     length_grouped_order,
     load_task_path,
     tokenize_examples,
+    with_validation,
 )
 
 
@@ -124,7 +124,7 @@ def test_missing_csv_column_names_the_header(tmp_path):
 
 def test_csv_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "data.csv"
-    path.write_bytes("text,label\ngood,1\nfine,1\n".encode() + "caf\xe9 au lait,0\n".encode("latin-1"))
+    path.write_bytes(b"text,label\ngood,1\nfine,1\n" + "caf\xe9 au lait,0\n".encode("latin-1"))
     assert f"{path} line 4: not UTF-8 text" in error_of(path)
 
 

@@ -13,8 +13,8 @@ import torch
 from conftest import byte_level_tokenizer, tiny_bert, tiny_llama
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
 from transformers import Trainer as StockTrainer
+from transformers import TrainerCallback, TrainingArguments
 
 from peftkit import IA3Config, LoraConfig, PeftkitError, PeftModel, get_peft_model
 from peftkit.hf_trainers import Trainer

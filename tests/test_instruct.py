@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_chat_model_folder, tiny_llama
 
 from peftkit import LoHaConfig, LoraConfig, PeftkitError, get_peft_model, zoo
 from peftkit.cli import main
 from peftkit.export import lora_from_adapter, save_lora_conversion, serving_problems
 from peftkit.train.instruct import causal_method_config, load_causal_run
-
-from conftest import tiny_chat_model_folder, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def _random_lora(model, config):
     wrapped = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
+        for _name, parameter in wrapped.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
     return wrapped

@@ -8,7 +8,6 @@ import torch
 from conftest import TINY_MODELS, randomise
 from safetensors.torch import load_file
 
-import peftkit
 from peftkit import LoraConfig, PeftModel, get_peft_model
 
 CASES = {

@@ -12,7 +12,12 @@ from peftkit import LoraConfig, PeftkitError, get_peft_model
 from peftkit.cli import main
 from peftkit.export import layer_updates
 from peftkit.merging import (
-    adapters_active, average_outputs, combine_adapters, merge_tensors, merge_updates, save_combined,
+    adapters_active,
+    average_outputs,
+    combine_adapters,
+    merge_tensors,
+    merge_updates,
+    save_combined,
 )
 from peftkit.model import PeftModel
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_chat_model_folder
+
 from peftkit import get_peft_model, io, zoo
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig

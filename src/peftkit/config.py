@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from peftkit.errors import PeftkitError
 
 # peft_type -> config class; filled by each method file through @register_config.
-CONFIG_TYPES: dict[str, type["PeftConfig"]] = {}
+CONFIG_TYPES: dict[str, type[PeftConfig]] = {}
 
 
 def register_config(cls):
@@ -38,7 +38,7 @@ class Method:
     """
 
     name: str
-    config: type["PeftConfig"]
+    config: type[PeftConfig]
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     learning_rate: float = 5e-4
     epochs: float | None = None
@@ -78,7 +78,7 @@ class PeftConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def replace(self, **changes) -> "PeftConfig":
+    def replace(self, **changes) -> PeftConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -209,7 +209,7 @@ class CombinedAdapter(LoraConversion):
                 return index
         raise PeftkitError(f"head {head!r} is not one of the combined adapters: {', '.join(self.sources)}")
 
-    def with_head(self, head: int | str) -> "CombinedAdapter":
+    def with_head(self, head: int | str) -> CombinedAdapter:
         """The same combination with input `head`'s trained whole modules (its classification head) attached."""
         index = self.head_index(head)
         paths, tensors = self.heads[index]

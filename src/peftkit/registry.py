@@ -12,7 +12,21 @@ from typing import Any
 from peftkit.config import Method, PeftConfig
 from peftkit.errors import PeftkitError
 from peftkit.methods import (
-    adalora, adapter, bitfit, freeze, full, ia3, ln_tuning, loha, lokr, lora, oft, prefix, prompt, sparse, vera,
+    adalora,
+    adapter,
+    bitfit,
+    freeze,
+    full,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    oft,
+    prefix,
+    prompt,
+    sparse,
+    vera,
 )
 
 # One entry per method file (the names are listed sorted wherever they are shown).

@@ -4,8 +4,16 @@ their loading, GGUF conversion included) and `peftkit.tasks` (the packaged tasks
 """
 
 from peftkit.models import (  # noqa: F401
-    BUILTIN_MODELS, CONVERSION_STAMP, MODEL_KINDS, BuiltinModel, cache_folder, list_models, load_causal_lm,
-    load_classifier, model_kind, resolve_model,
+    BUILTIN_MODELS,
+    CONVERSION_STAMP,
+    MODEL_KINDS,
+    BuiltinModel,
+    cache_folder,
+    list_models,
+    load_causal_lm,
+    load_classifier,
+    model_kind,
+    resolve_model,
 )
 from peftkit.tasks import BUILTIN_TASKS, TASK_DATA_FOLDER, BuiltinTask, list_tasks, load_task  # noqa: F401
 from peftkit.train.data import Example, TaskData  # noqa: F401

@@ -27,7 +27,12 @@ from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterDelta, Attached, attach_delta, iter_base_modules
 from peftkit.targeting import (
-    ALL_LINEAR, DEFAULT_LAYER_CONTAINERS, describe_module_names, find_targets, linear_types, name_matches,
+    ALL_LINEAR,
+    DEFAULT_LAYER_CONTAINERS,
+    describe_module_names,
+    find_targets,
+    linear_types,
+    name_matches,
 )
 
 # Defaults when target_modules / feedforward_modules are not given, by `model.config.model_type`.

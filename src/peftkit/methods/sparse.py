@@ -153,7 +153,7 @@ class SparseDelta(AdapterDelta):
     """The trained entries of one weight: `indices` (k,) int64 flat positions into the weight as
     stored, values = the slice [offset, offset + k) of the model-level adapter's `values`."""
 
-    def __init__(self, base_layer: nn.Module, owner: "SparseModelAdapter"):
+    def __init__(self, base_layer: nn.Module, owner: SparseModelAdapter):
         super().__init__()
         weight = base_layer.weight
         # GPT-2's Conv1D stores its weight as (in, out) and computes x @ W; nn.Linear stores (out, in).
@@ -167,7 +167,7 @@ class SparseDelta(AdapterDelta):
         self._csr_cache = None
 
     @property
-    def owner(self) -> "SparseModelAdapter":
+    def owner(self) -> SparseModelAdapter:
         return self._owner[0]
 
     @property

@@ -27,7 +27,13 @@ from torch import nn
 from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (
-    AdapterDelta, Attached, BiasDelta, ModelAdapter, attach_delta, iter_base_modules, shadow_parameter,
+    AdapterDelta,
+    Attached,
+    BiasDelta,
+    ModelAdapter,
+    attach_delta,
+    iter_base_modules,
+    shadow_parameter,
 )
 from peftkit.targeting import find_targets, linear_types, name_matches
 
