@@ -154,7 +154,7 @@ def _check_text(value: object, where: str, text_column: str) -> str:
     )
 
 
-def _binary_lines(path: Path) -> Iterator[bytes]:
+def binary_lines(path: Path) -> Iterator[bytes]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as file:
         yield from file
@@ -166,7 +166,7 @@ def jsonl_records(path: Path, one_record: str) -> Iterator[tuple[int, str, Any]]
     Bad UTF-8 and bad JSON raise a PeftkitError naming the file and line; `one_record` describes a
     valid line for that message (e.g. 'one object like {"text": "...", "label": 0}').
     """
-    for line_number, raw_line in enumerate(_binary_lines(path), start=1):
+    for line_number, raw_line in enumerate(binary_lines(path), start=1):
         where = f"{path} line {line_number}"
         try:
             line = raw_line.decode("utf-8")
