@@ -160,9 +160,10 @@ def _reference_adapter(model_folder, name, slot_names, seed, batches_in_order, t
     torch.optim.AdamW, the job's schedule and clip_grad_norm_ over the same batches in the same order."""
     from peftkit.mixed import MixedLoraModel
     from peftkit.model import PeftModel
+
     from peftkit.train.data import PaddingCollator, tokenize_examples
     from peftkit.train.job import method_config
-    from peftkit.train.loop import _lr_multiplier
+    from peftkit.train.schedule import lr_multiplier
 
     # The start: the same engine calls as cotrain_classifiers, then saved in the peft layout.
     data = {n: zoo.load_task(p) for n, p in slot_names.items()}
@@ -185,7 +186,7 @@ def _reference_adapter(model_folder, name, slot_names, seed, batches_in_order, t
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.0},
                                    {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=training["lr"])
     total = len(batches_in_order)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_multiplier("linear", int(-(-0.06 * total // 1)), total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier("linear", int(-(-0.06 * total // 1)), total))
     for indices in batches_in_order:
         loss = model(**collate([features[i] for i in indices])).loss
         loss.backward()
@@ -201,7 +202,9 @@ def test_cotraining_equals_each_adapter_trained_alone(tiny_model_folder, tmp_pat
     paths = {n: _write_task(tmp_path, n, train, None) for n, train in (("pos_neg", 37), ("colors", 22))}
     run = tmp_path / "run"
     training = dict(epochs=2, batch_size=8, learning_rate=5e-3, progress=False)
-    result = cotrain_classifiers(tiny_model_folder, [str(p) for p in paths.values()], run, training=training, seed=3)
+    # validation_fraction=0: every example of the two single-file tasks trains, as in the reference loop
+    result = cotrain_classifiers(tiny_model_folder, [str(p) for p in paths.values()], run, training=training, seed=3,
+                                 validation_fraction=0)
     assert {n: (t.steps, t.total_steps) for n, t in result.tasks.items()} == {"pos_neg": (10, 10), "colors": (6, 6)}
     # The batches each task saw, in order: its entries of the plan, epoch after epoch.
     tokenizer = zoo.load_classifier(tiny_model_folder, 2)[1]

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from peftkit import LoraConfig, PeftkitError, PromptTuningConfig, get_peft_model
-from peftkit.train.loop import TrainingArguments, _gradient_checkpointing, train
+from peftkit.train.loop import TrainingArguments, gradient_checkpointing, train
 
 
 def lora_llama():
@@ -47,7 +47,7 @@ def test_checkpointing_gives_the_same_gradients(make_model, input_ids):
     # pass (a pre-hook, as the recomputation stops early, once it has what the backward pass needs).
     calls = []
     hook = base.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
-    with _gradient_checkpointing(model, True):
+    with gradient_checkpointing(model, True):
         assert base.is_activation_checkpointing and base.config.use_cache is False
         checkpointed = gradients(model, input_ids)
     hook.remove()

@@ -13,7 +13,8 @@ from conftest import tiny_bert
 
 from peftkit import LoraConfig, PeftkitError, get_peft_model
 from peftkit.train import tracking
-from peftkit.train.loop import TrainingArguments, _lr_multiplier, train
+from peftkit.train.loop import TrainingArguments, train
+from peftkit.train.schedule import lr_multiplier
 
 STEPS, EVAL_STEPS, BATCH = 6, 3, 4
 
@@ -53,7 +54,7 @@ def check_logged(result, series: dict[str, list[tuple[int, float]]]) -> None:
     assert [h["step"] for h in result.history] == [3, 6]
     assert sum(losses[:3]) / 3 == pytest.approx(result.history[0]["train_loss"], rel=1e-5)
     assert sum(losses[3:]) / 3 == pytest.approx(result.history[1]["train_loss"], rel=1e-5)
-    schedule = _lr_multiplier("linear", math.ceil(0.2 * STEPS), STEPS)
+    schedule = lr_multiplier("linear", math.ceil(0.2 * STEPS), STEPS)
     assert [v for _, v in series["train/learning_rate"]] == pytest.approx([1e-2 * schedule(s - 1) for s in steps], rel=1e-5)
     assert [v for _, v in series["train/epoch"]] == pytest.approx([s * BATCH / 40 for s in steps], rel=1e-5)
     assert all(v > 0 for _, v in series["train/examples_per_second"])

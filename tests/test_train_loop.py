@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from peftkit.errors import PeftkitError
 from peftkit.train import checkpoint as ckpt
-from peftkit.train.loop import TrainingArguments, TrainResult, _lr_multiplier, train
+from peftkit.train.loop import TrainingArguments, TrainResult, train
+from peftkit.train.schedule import lr_multiplier
 
 _WORKER = Path(__file__).with_name("ddp_worker.py")
 _spec = importlib.util.spec_from_file_location("peftkit_tests_ddp_worker", _WORKER)
@@ -286,7 +287,7 @@ def test_each_epoch_has_its_own_order_independent_of_global_rng(tmp_path):
 
 def test_learning_rate_schedules():
     def multiplier(kind):
-        return [_lr_multiplier(kind, 2, 10)(step) for step in range(10)]
+        return [lr_multiplier(kind, 2, 10)(step) for step in range(10)]
 
     linear, cosine, constant = multiplier("linear"), multiplier("cosine"), multiplier("constant")
     for values in (linear, cosine, constant):

@@ -517,7 +517,7 @@ class MixedLoraModel(nn.Module):
     # -- construction from folders ---------------------------------------------------------------
     @classmethod
     def from_adapter_folders(cls, base_model: nn.Module, folders: dict[str, str | Path], capacity: int | None = None,
-                             max_rank: int | None = None) -> "MixedLoraModel":
+                             max_rank: int | None = None) -> MixedLoraModel:
         """A MixedLoraModel sized for these peft-layout LoRA folders ({name: folder}), with all of them loaded.
 
         Targets are the union of the adapters' modules, max_rank their largest rank, and a classification

@@ -27,6 +27,7 @@ state in JSON) to resume an interrupted run exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -34,6 +35,7 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -48,10 +50,18 @@ from peftkit.mixed import MixedLoraModel
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES
 from peftkit.train import tracking
 from peftkit.train.data import (
-    DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, length_grouped_order, tokenize_examples, with_validation,
+    DEFAULT_VALIDATION_FRACTION,
+    PaddingCollator,
+    describe_holdout,
+    length_grouped_order,
+    tokenize_examples,
+    with_validation,
 )
-from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config
-from peftkit.train.loop import _lr_multiplier, _make_accelerator, _peak_rss_mb
+from peftkit.train.evaluation import close_history_window, evaluate, keep_best
+from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config, model_reference
+from peftkit.train.measure import peak_rss_mb
+from peftkit.train.processes import make_accelerator, process_count
+from peftkit.train.schedule import SCHEDULERS, lr_multiplier, warmup_steps
 
 __all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
            "describe", "plan_epoch", "task_epoch_batches", "task_name"]
@@ -60,7 +70,6 @@ METRICS_FILENAME = "metrics.json"
 CHECKPOINT_DIRNAME = "checkpoint"
 _STATE_JSON = "state.json"
 _STATE_FORMAT = 1
-_SCHEDULERS = ("linear", "cosine", "constant")
 
 
 # --------------------------------------------------------------------------- the per-slot optimizer
@@ -250,8 +259,8 @@ class CotrainArguments:
             raise PeftkitError(f"CotrainArguments.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise PeftkitError(f"CotrainArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_scheduler not in _SCHEDULERS:
-            raise PeftkitError(f"CotrainArguments.lr_scheduler must be one of {', '.join(_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise PeftkitError(f"CotrainArguments.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PeftkitError(f"CotrainArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         if self.min_delta < 0:
@@ -393,37 +402,16 @@ def cotrain_classifiers(
     A task without a validation split gets one held out of its train split, as in train_classifier.
     """
     started = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if process_count() > 1:
         raise PeftkitError("co-training runs in one process; start it without accelerate launch / torchrun")
     specs = [str(t) for t in tasks]
-    if len(specs) < 2:
-        raise PeftkitError(f"co-training needs two or more tasks, got {specs}; train one task with train_classifier")
-    names = [task_name(s) for s in specs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise PeftkitError(f"tasks {repeated} appear twice (tasks are named by file or folder name: {names}); give each task "
-                           "once, and rename files or folders that share a name")
-    for name in names:
-        io.check_adapter_name(name)
-        if name in (CHECKPOINT_DIRNAME, METRICS_FILENAME):
-            raise PeftkitError(f"a task may not be named {name!r}: that name is taken by the run's own files; rename it")
+    names = _task_names(specs)
     lora_config = config or method_config("lora", **dict(method_options or {}))
     if not isinstance(lora_config, LoraConfig) or lora_config.use_dora:
         raise PeftkitError("co-training trains LoRA adapters only (mixed batches hold plain LoRA); use --method lora")
-    fields = {f.name for f in dataclasses.fields(CotrainArguments)} - {"output_dir"}
-    unknown = sorted(set(training or {}) - fields)
-    if unknown:
-        raise PeftkitError(f"co-training has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}")
-    arguments = CotrainArguments(output_dir=str(output_dir), **{"learning_rate": default_learning_rate("lora"), "seed": seed,
-                                                                **dict(training or {})})
-    arguments.validate(names)
+    arguments = _cotrain_arguments(output_dir, names, training, seed)
     output_dir = Path(output_dir)
-    checkpoint = output_dir / CHECKPOINT_DIRNAME
-    if not arguments.resume and (checkpoint / _STATE_JSON).is_file():
-        raise PeftkitError(f"{checkpoint} holds the checkpoint of an earlier run. Pass resume=True (peftkit train --resume) to "
-                           "continue it, or use another output directory (or delete that folder) to start afresh.")
-    if arguments.resume and not (checkpoint / _STATE_JSON).is_file():
-        raise PeftkitError(f"nothing to resume: {checkpoint} holds no checkpoint; start without --resume")
+    _check_resume(output_dir / CHECKPOINT_DIRNAME, arguments.resume)
 
     loaded, holdouts = [], []
     for spec in specs:
@@ -435,15 +423,8 @@ def cotrain_classifiers(
             log(describe_holdout(spec, holdout))
         loaded.append(data)
         holdouts.append(holdout)
-    max_labels = max(len(d.label_names) for d in loaded)
     base, tokenizer = zoo.load_classifier(model, num_labels=2, seed=seed)
-    base.to(PartialState().device)  # the accelerator Accelerate would pick (CPU here; the GPU path is untested)
-    head = next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Linear)), None)
-    if head is None:
-        raise PeftkitError(f"{type(base).__name__} has no linear classification head ({' or '.join(CLASSIFIER_HEAD_NAMES)}); "
-                           "co-training stacks one head per task")
-    mixed = MixedLoraModel(base, lora_config.target_modules, capacity=len(specs), max_rank=lora_config.r, head=head,
-                           max_labels=max_labels)
+    mixed = _mixed_model(base, lora_config, len(specs), max(len(d.label_names) for d in loaded))
     task_list: list[_Task] = []
     for name, spec, data in zip(names, specs, loaded):
         train_examples = data.train[:max_train_examples] if max_train_examples else data.train
@@ -461,8 +442,8 @@ def cotrain_classifiers(
         task.total_steps = max(1, math.ceil(arguments.epochs * task.batches_per_epoch - 1e-9))
         task_list.append(task)
 
-    model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
-    run_info = {t.name: {"model": model_id, "task": t.spec if t.spec in zoo.list_tasks() else str(Path(t.spec).resolve()),
+    run_info = {t.name: {"model": model_reference(model),
+                         "task": t.spec if t.spec in zoo.list_tasks() else str(Path(t.spec).resolve()),
                          "method": "lora", "label_names": t.label_names, "max_length": max_length,
                          "text_column": text_column, "label_column": label_column, "full_finetune": False,
                          "cotrained_with": [u.name for u in task_list if u is not t],
@@ -470,6 +451,54 @@ def cotrain_classifiers(
                 for t, holdout in zip(task_list, holdouts)}
     trainer = _Cotrainer(mixed, task_list, arguments, PaddingCollator(tokenizer), output_dir, run_info)
     return trainer.run(started, model=str(model))
+
+
+def _task_names(specs: list[str]) -> list[str]:
+    """Each task's name (its folder and adapter name); refuses fewer than two tasks, repeats and reserved names."""
+    if len(specs) < 2:
+        raise PeftkitError(f"co-training needs two or more tasks, got {specs}; train one task with train_classifier")
+    names = [task_name(s) for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PeftkitError(f"tasks {repeated} appear twice (tasks are named by file or folder name: {names}); give each task "
+                           "once, and rename files or folders that share a name")
+    for name in names:
+        io.check_adapter_name(name)
+        if name in (CHECKPOINT_DIRNAME, METRICS_FILENAME):
+            raise PeftkitError(f"a task may not be named {name!r}: that name is taken by the run's own files; rename it")
+    return names
+
+
+def _cotrain_arguments(output_dir, names: list[str], training: Mapping[str, Any] | None, seed: int) -> CotrainArguments:
+    """CotrainArguments from the caller's fields over the defaults, validated; unknown fields are named."""
+    fields = {f.name for f in dataclasses.fields(CotrainArguments)} - {"output_dir"}
+    unknown = sorted(set(training or {}) - fields)
+    if unknown:
+        raise PeftkitError(f"co-training has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}")
+    arguments = CotrainArguments(output_dir=str(output_dir), **{"learning_rate": default_learning_rate("lora"), "seed": seed,
+                                                                **dict(training or {})})
+    arguments.validate(names)
+    return arguments
+
+
+def _check_resume(checkpoint: Path, resume: bool) -> None:
+    """A checkpoint is there exactly when resuming."""
+    if not resume and (checkpoint / _STATE_JSON).is_file():
+        raise PeftkitError(f"{checkpoint} holds the checkpoint of an earlier run. Pass resume=True (peftkit train --resume) to "
+                           "continue it, or use another output directory (or delete that folder) to start afresh.")
+    if resume and not (checkpoint / _STATE_JSON).is_file():
+        raise PeftkitError(f"nothing to resume: {checkpoint} holds no checkpoint; start without --resume")
+
+
+def _mixed_model(base: torch.nn.Module, lora_config: LoraConfig, capacity: int, max_labels: int) -> MixedLoraModel:
+    """The MixedLoraModel over `base` (moved to Accelerate's device), with one stacked head slot per task."""
+    base.to(PartialState().device)  # the accelerator Accelerate would pick (CPU here; the GPU path is untested)
+    head = next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Linear)), None)
+    if head is None:
+        raise PeftkitError(f"{type(base).__name__} has no linear classification head ({' or '.join(CLASSIFIER_HEAD_NAMES)}); "
+                           "co-training stacks one head per task")
+    return MixedLoraModel(base, lora_config.target_modules, capacity=capacity, max_rank=lora_config.r, head=head,
+                          max_labels=max_labels)
 
 
 class _Cotrainer:
@@ -488,8 +517,8 @@ class _Cotrainer:
         self.epochs = math.ceil(args.epochs - 1e-9)
         self.schedules = {}
         for t in tasks:
-            warmup = math.ceil(args.warmup_ratio * t.total_steps)
-            self.schedules[t.name] = _lr_multiplier(args.lr_scheduler, warmup, t.total_steps)
+            warmup = warmup_steps(args.warmup_ratio, t.total_steps)
+            self.schedules[t.name] = lr_multiplier(args.lr_scheduler, warmup, t.total_steps)
         self.base_rates = {t.name: float(args.for_task("learning_rate", t.name, self.names)) for t in tasks}
         self.patience = {t.name: args.for_task("patience", t.name, self.names) for t in tasks}
         self.trackers = tracking.trackers_of(args.report_to)
@@ -499,7 +528,7 @@ class _Cotrainer:
     def run(self, started: float, model: str) -> CotrainResult:
         """The run, with Accelerate's experiment trackers started around it when report_to names any."""
         if self.trackers:  # an Accelerator only to track: the model, optimizer and batches stay as they are
-            self.accelerator = _make_accelerator("no", **tracking.accelerator_options(self.trackers, self.output_dir))
+            self.accelerator = make_accelerator("no", **tracking.accelerator_options(self.trackers, self.output_dir))
         config = {**dataclasses.asdict(self.args), "model": model, "tasks": ",".join(self.names)}
         with tracking.tracked_run(self.accelerator, self.trackers, self.output_dir, config):
             return self._run(started, model)
@@ -536,7 +565,7 @@ class _Cotrainer:
                     padded_tokens += tokens
                     if self.accelerator is not None:
                         self.accelerator.log({"train/examples_per_second": rows_seen / max(train_time, 1e-9),
-                                              "train/peak_rss_mb": _peak_rss_mb()}, step=done_passes + len(pass_times))
+                                              "train/peak_rss_mb": peak_rss_mb()}, step=done_passes + len(pass_times))
                 finishing = [n for n in batches if self.states[n].steps >= self._task(n).total_steps]
                 if bar is not None:
                     bar.set_postfix(loss=" ".join(f"{n}:{self._recent_loss(n):.3f}" for n in self.names
@@ -573,7 +602,7 @@ class _Cotrainer:
             wall_time_s=time.perf_counter() - started, train_time_s=train_time,
             examples_per_second=rows_seen / train_time if train_time > 0 else 0.0,
             median_pass_time_s=statistics.median(pass_times) if pass_times else None, padded_tokens=padded_tokens,
-            peak_rss_mb=_peak_rss_mb(),
+            peak_rss_mb=peak_rss_mb(),
             resumed_from=resumed_from, output_dir=str(self.output_dir), seed=self.args.seed,
         )
         io.write_json(self.output_dir / METRICS_FILENAME, result.to_dict())
@@ -637,43 +666,31 @@ class _Cotrainer:
         return len(features), int(batch["input_ids"].numel())
 
     # -- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, name: str) -> dict[str, float]:
-        """Loss and accuracy of task `name`'s adapter on its evaluation split (as the single-task loop)."""
+        """Loss and accuracy of task `name`'s adapter on its evaluation split (the single-task loop's evaluate)."""
         task = self._task(name)
-        was_training = self.mixed.training
-        self.mixed.eval()
-        loss_sum, correct = 0.0, 0
-        data = task.evaluation
-        with torch.random.fork_rng(devices=[]):
-            for start in range(0, len(data), self.args.eval_batch_size):
-                chunk = data[start:start + self.args.eval_batch_size]
-                batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
-                labels = batch.pop("labels")
-                ids = torch.full((len(chunk),), task.slot, dtype=torch.long, device=self.device)
-                logits = self.mixed(**batch, adapter_ids=ids).logits.float()
-                loss_sum += float(F.cross_entropy(logits, labels)) * len(chunk)
-                correct += int((logits.argmax(-1) == labels).sum())
-        self.mixed.train(was_training)
-        return {"loss": loss_sum / len(data), "accuracy": correct / len(data)}
+        return evaluate(self.mixed, task.evaluation, self.args.eval_batch_size, self.collate, self.device,
+                        forward=functools.partial(self._forward_slot, task.slot))
+
+    def _forward_slot(self, slot: int, batch: dict[str, torch.Tensor]) -> SimpleNamespace:
+        """Every row of `batch` through adapter `slot`; the loss is cross-entropy on float32 logits, as in training."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        ids = torch.full((len(batch["labels"]),), slot, dtype=torch.long, device=self.device)
+        logits = self.mixed(**inputs, adapter_ids=ids).logits.float()
+        return SimpleNamespace(loss=F.cross_entropy(logits, batch["labels"]), logits=logits)
 
     def _evaluate_and_record(self, name: str) -> None:
         task, state = self._task(name), self.states[name]
         evaluation = self.evaluate(name) if task.evaluation else None
-        entry = {"epoch": round(state.steps / task.batches_per_epoch, 4), "step": state.steps,
-                 "train_loss": state.window_loss_sum / state.window_steps if state.window_steps else None,
-                 "eval": evaluation}
-        state.history.append(entry)
-        state.window_loss_sum, state.window_steps = 0.0, 0
+        entry = close_history_window(state, state.steps, round(state.steps / task.batches_per_epoch, 4), evaluation)
         state.last_eval_step = state.steps
         if evaluation is None:
             return
         if self.accelerator is not None:
             self.accelerator.log({f"{name}/eval/{key}": value for key, value in evaluation.items()}, step=state.steps)
-        value = evaluation["accuracy"]
-        if state.best_metric is None or value > state.best_metric:
-            state.best_metric, state.best_step, state.best_eval = value, state.steps, evaluation
+        if keep_best(state, state.steps, evaluation, "accuracy"):
             self._save_adapter(name)
+        value = evaluation["accuracy"]
         if state.patience_reference is None or value > state.patience_reference + self.args.min_delta:
             state.patience_reference, state.evaluations_without_gain = value, 0
         else:

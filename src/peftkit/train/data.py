@@ -155,6 +155,7 @@ def _check_text(value: object, where: str, text_column: str) -> str:
 
 
 def binary_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file as bytes, read through gzip when its name ends in .gz."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as file:
         yield from file

@@ -24,12 +24,22 @@ from peftkit import io, zoo
 from peftkit import quantize as quantization
 from peftkit.config import PeftConfig
 from peftkit.errors import PeftkitError
-from peftkit.model import PeftModel, get_peft_model
-from peftkit.train import chat
-from peftkit.train.data import length_grouped_order
+from peftkit.model import PeftModel
 from peftkit.registry import causal_learning_rate, causal_method_config
-from peftkit.train.job import folder_bytes, quantize_like_run, read_run_info, save_run
-from peftkit.train.loop import TrainingArguments, train
+from peftkit.train import chat
+from peftkit.train.job import (
+    check_quantize,
+    folder_bytes,
+    length_grouped_batch_order,
+    model_reference,
+    quantize_like_run,
+    read_run_info,
+    save_run,
+    training_arguments,
+    wrap_with_adapter,
+)
+from peftkit.train.loop import train
+from peftkit.train.processes import is_main_process
 
 __all__ = [
     "InstructJobResult",
@@ -98,49 +108,31 @@ def train_causal_lm(
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     output_dir = Path(output_dir)
     peft_config = config or causal_method_config(method, **(method_options or {}))  # bad options fail before loading
-    arguments = {"learning_rate": causal_learning_rate(method), "seed": seed, "batch_size": 8,
-                 "metric_for_best": "loss", "greater_is_better": False, **(training or {})}
-    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
-    arguments.validate()  # so do bad training options (a tracker that is not installed, ...)
-    if quantize is not None:
-        quantization.check_method(method)
-        quantization.check_scheme(quantize, 64)
+    defaults = {"learning_rate": causal_learning_rate(method), "seed": seed, "batch_size": 8,
+                "metric_for_best": "loss", "greater_is_better": False}
+    arguments = training_arguments(output_dir, defaults, training)  # so do bad training options
+    check_quantize(method, quantize)
     data = chat.load_chat_task(task)
     if not data.train:
         raise PeftkitError(f"task {task!r} has no training conversations")
-    evaluation = data.validation or data.test
     base, tokenizer = zoo.load_causal_lm(model, seed=seed)
     quantized = quantization.quantize_model(base, quantize, task_type="CAUSAL_LM").settings() if quantize else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        wrapped = get_peft_model(base, peft_config)
-
-    context = getattr(base.config, "max_position_embeddings", None)
-    train_conversations = data.train[:max_train_examples] if max_train_examples else data.train
-    features, stats = chat.tokenize_conversations(train_conversations, tokenizer, max_length, context_window=context)
-    if stats.truncated or stats.dropped:
-        log(stats.summary())
-    eval_features = None
-    if evaluation:
-        eval_conversations = evaluation[:max_eval_examples] if max_eval_examples else evaluation
-        eval_features, _ = chat.tokenize_conversations(eval_conversations, tokenizer, max_length, context_window=context)
-    if packing:
-        features = chat.pack_examples(features, max_length, tokenizer.eos_token_id)
-    lengths = [len(f["input_ids"]) for f in features]
-
-    order = None if packing else (lambda epoch: length_grouped_order(lengths, arguments.batch_size, arguments.seed, epoch))
+    wrapped = wrap_with_adapter(base, peft_config, seed)
+    features, eval_features, stats = _chat_features(data, tokenizer, base, max_length, packing, max_train_examples,
+                                                    max_eval_examples, log)
+    order = None if packing else length_grouped_batch_order([len(f["input_ids"]) for f in features], arguments)
     result = train(wrapped, features, eval_features, arguments, chat.CausalLMCollator(tokenizer), batch_order=order)
 
     adapter_dir = output_dir / "adapter"
-    model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
     task_id = str(task) if str(task) in chat.list_instruct_tasks() else str(Path(task).resolve())
-    save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method, kind="causal",
-             max_length=max_length, quantize=quantized)
     from peftkit.export import serving_problems
 
     problems = [] if wrapped.is_full_finetune else serving_problems(wrapped)
-    if problems:
-        log(serving_note(problems, adapter_dir))
+    if is_main_process():  # the other processes of a data-parallel run hold the same weights
+        save_run(wrapped, tokenizer, adapter_dir, model=model_reference(model), task=task_id, method=method,
+                 kind="causal", max_length=max_length, quantize=quantized)
+        if problems:
+            log(serving_note(problems, adapter_dir))
     report = wrapped.trainable_parameters_report()
     best = result.best_eval or result.final_eval or {}
     job = InstructJobResult(
@@ -154,8 +146,30 @@ def train_causal_lm(
         output_dir=str(output_dir), adapter_dir=str(adapter_dir), serving_problems=problems,
         quantize=quantize,
     )
-    io.write_json(output_dir / "job.json", job.to_dict())
+    if is_main_process():
+        io.write_json(output_dir / "job.json", job.to_dict())
     return job
+
+
+def _chat_features(data, tokenizer, base, max_length: int, packing: bool, max_train_examples, max_eval_examples, log):
+    """Tokenized (train features, eval features or None, train tokenization stats); packed when `packing`.
+
+    Conversations longer than the model's context window or `max_length` are cut or dropped (logged).
+    Evaluation uses the validation split, else the test split, at most `max_eval_examples` of it.
+    """
+    context = getattr(base.config, "max_position_embeddings", None)
+    train_conversations = data.train[:max_train_examples] if max_train_examples else data.train
+    features, stats = chat.tokenize_conversations(train_conversations, tokenizer, max_length, context_window=context)
+    if stats.truncated or stats.dropped:
+        log(stats.summary())
+    evaluation = data.validation or data.test
+    eval_features = None
+    if evaluation:
+        eval_conversations = evaluation[:max_eval_examples] if max_eval_examples else evaluation
+        eval_features, _ = chat.tokenize_conversations(eval_conversations, tokenizer, max_length, context_window=context)
+    if packing:
+        features = chat.pack_examples(features, max_length, tokenizer.eos_token_id)
+    return features, eval_features, stats
 
 
 def serving_note(problems: list[str], adapter_dir: Path | str) -> str:

@@ -9,6 +9,7 @@ so that `peftkit eval` / `predict` / `merge` need nothing else), `checkpoints/`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -23,13 +24,23 @@ from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.registry import (  # noqa: F401  (list_methods, method_config, ... are used from here too)
-    METHODS, default_epochs, default_learning_rate, list_methods, method_config,
+    METHODS,
+    default_epochs,
+    default_learning_rate,
+    list_methods,
+    method_config,
 )
 from peftkit.train.data import (
-    DEFAULT_VALIDATION_FRACTION, PaddingCollator, describe_holdout, hold_out_validation, length_grouped_order,
-    tokenize_examples, with_validation,
+    DEFAULT_VALIDATION_FRACTION,
+    PaddingCollator,
+    describe_holdout,
+    hold_out_validation,
+    length_grouped_order,
+    tokenize_examples,
+    with_validation,
 )
 from peftkit.train.loop import TrainingArguments, train
+from peftkit.train.processes import is_main_process, process_count
 
 RUN_INFO_NAME = "peftkit_run.json"
 
@@ -99,43 +110,23 @@ def train_classifier(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     peft_config = config or method_config(method, **(method_options or {}))  # bad options fail before any loading
-    arguments = {"learning_rate": default_learning_rate(method), "epochs": default_epochs(method), "seed": seed,
-                 **{k: v for k, v in (training or {}).items() if not (k == "epochs" and v is None)}}
-    arguments = TrainingArguments(output_dir=str(output_dir), **arguments)
-    arguments.validate()  # so do bad training options (a tracker that is not installed, ...)
-    if quantize is not None:
-        quantization.check_method(method)
-        quantization.check_scheme(quantize, 64)
-    data = zoo.load_task(task, text_column=text_column, label_column=label_column)
-    if not data.train:
-        raise PeftkitError(f"task {task!r} has no training examples")
-    data, holdout = with_validation(data, validation_fraction)
-    if holdout and log is not None:
-        log(describe_holdout(task, holdout))
-    evaluation = data.validation or data.test
+    given = {k: v for k, v in (training or {}).items() if not (k == "epochs" and v is None)}
+    defaults = {"learning_rate": default_learning_rate(method), "epochs": default_epochs(method), "seed": seed}
+    arguments = training_arguments(output_dir, defaults, given)  # so do bad training options
+    check_quantize(method, quantize)
+    data, holdout = _load_task_with_validation(task, text_column, label_column, validation_fraction, log)
     base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
     quantized = quantization.quantize_model(base, quantize, task_type="SEQ_CLS").settings() if quantize else None
-    # The adapter's initialization (LoRA's A) draws from the global torch RNG: seed it, so that a job
-    # is repeatable given `seed`, without touching the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        wrapped = get_peft_model(base, peft_config)
-
-    train_examples = data.train[:max_train_examples] if max_train_examples else data.train
-    eval_examples = (evaluation[:max_eval_examples] if max_eval_examples else evaluation) if evaluation else None
-    train_features = tokenize_examples(train_examples, tokenizer, max_length=max_length)
-    eval_features = tokenize_examples(eval_examples, tokenizer, max_length=max_length) if eval_examples else None
-    lengths = [len(f["input_ids"]) for f in train_features]
-
-    order = lambda epoch: length_grouped_order(lengths, arguments.batch_size * _processes(), arguments.seed, epoch)  # noqa: E731
+    wrapped = wrap_with_adapter(base, peft_config, seed)
+    train_features, eval_features = _classification_features(data, tokenizer, max_length, max_train_examples,
+                                                             max_eval_examples)
+    order = length_grouped_batch_order([len(f["input_ids"]) for f in train_features], arguments)
     result = train(wrapped, train_features, eval_features, arguments, PaddingCollator(tokenizer), batch_order=order)
 
     adapter_dir = output_dir / "adapter"
-    # A folder is recorded as an absolute path so that eval / predict / merge work from anywhere.
-    model_id = str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
     task_id = str(task) if str(task) in zoo.list_tasks() else str(Path(task).resolve())
-    if _is_main_process():
-        save_run(wrapped, tokenizer, adapter_dir, model=model_id, task=task_id, method=method,
+    if is_main_process():
+        save_run(wrapped, tokenizer, adapter_dir, model=model_reference(model), task=task_id, method=method,
                  label_names=data.label_names, max_length=max_length, text_column=text_column,
                  label_column=label_column, quantize=quantized, validation_holdout=holdout)
     report = wrapped.trainable_parameters_report()
@@ -149,17 +140,72 @@ def train_classifier(
         examples_per_second=result.examples_per_second, steps=result.steps,
         output_dir=str(output_dir), adapter_dir=str(adapter_dir), quantize=quantize, validation_holdout=holdout,
     )
-    if _is_main_process():
+    if is_main_process():
         io.write_json(output_dir / "job.json", job.to_dict())
     return job
 
 
-def _processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+# --------------------------------------------------------------------------- pieces the jobs share
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def training_arguments(output_dir: Path, defaults: dict[str, Any], given: dict[str, Any] | None) -> TrainingArguments:
+    """TrainingArguments from a job's defaults and the caller's fields, validated before anything is loaded."""
+    arguments = TrainingArguments(output_dir=str(output_dir), **{**defaults, **(given or {})})
+    arguments.validate()  # a tracker that is not installed, ... fails here, not after loading the model
+    return arguments
+
+
+def check_quantize(method: str, quantize: str | None) -> None:
+    """Fail early when `quantize` cannot work with `method`."""
+    if quantize is not None:
+        quantization.check_method(method)
+        quantization.check_scheme(quantize, 64)
+
+
+def wrap_with_adapter(base: torch.nn.Module, peft_config: PeftConfig, seed: int) -> PeftModel:
+    """get_peft_model with the adapter's initialization drawn from a torch RNG seeded with `seed`.
+
+    The adapter's initialization (LoRA's A) draws from the global torch RNG: seeding it makes a job
+    repeatable given `seed`, and the fork leaves the caller's RNG state as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(base, peft_config)
+
+
+def length_grouped_batch_order(lengths: list[int], arguments: TrainingArguments):
+    """`batch_order` for train(): examples of similar length together, grouped by the global batch.
+
+    The trainer cuts each epoch's order into global batches (batch_size x processes), so the groups must
+    have that size too, or a process count other than 1 would mix lengths within a batch.
+    """
+    return functools.partial(length_grouped_order, lengths, arguments.batch_size * process_count(), arguments.seed)
+
+
+def model_reference(model: str | os.PathLike) -> str:
+    """How a run records its base model: a built-in name, or a folder as an absolute path (usable from anywhere)."""
+    return str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
+
+
+def _load_task_with_validation(task, text_column: str, label_column: str, validation_fraction, log):
+    """The task's data, with a validation split held out of train where it has none: (data, holdout)."""
+    data = zoo.load_task(task, text_column=text_column, label_column=label_column)
+    if not data.train:
+        raise PeftkitError(f"task {task!r} has no training examples")
+    data, holdout = with_validation(data, validation_fraction)
+    if holdout and log is not None:
+        log(describe_holdout(task, holdout))
+    return data, holdout
+
+
+def _classification_features(data, tokenizer, max_length: int, max_train_examples, max_eval_examples):
+    """Tokenized (train features, eval features or None); eval is the validation split, else the test split."""
+    evaluation = data.validation or data.test
+    train_examples = data.train[:max_train_examples] if max_train_examples else data.train
+    eval_examples = (evaluation[:max_eval_examples] if max_eval_examples else evaluation) if evaluation else None
+    train_features = tokenize_examples(train_examples, tokenizer, max_length=max_length)
+    eval_features = tokenize_examples(eval_examples, tokenizer, max_length=max_length) if eval_examples else None
+    return train_features, eval_features
 
 
 def save_run(peft_model: PeftModel, tokenizer, folder: str | os.PathLike, **info) -> None:

@@ -21,16 +21,19 @@ Resume. A checkpoint stores the position (epoch, global batches done in it), tra
 optimizer, scheduler and every process's RNG state; the order of an epoch is a function of
 (seed, epoch). A run killed and resumed therefore ends with the same weights as one that was not.
 Evaluation runs under a forked RNG, so it never shifts the dropout masks of training.
+
+Stages. ``Trainer`` runs one training in named stages: ``plan`` (steps, schedule, geometry; the data
+order of an epoch is ``epoch_order``), ``start`` (fresh or resumed position), ``build_optimizer``,
+``step`` (forward, backward, optimizer), ``count_step``, ``evaluate``, ``record`` / ``keep_best``,
+``save_checkpoint`` and ``finish``. Evaluation and the keep-best rule live in peftkit.train.evaluation,
+which co-training shares.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import resource
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,18 +43,28 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, send_to_device, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from peftkit.errors import PeftkitError
 from peftkit.io import write_json, write_tensors
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import tracking
+from peftkit.train.evaluation import (
+    EVAL_METRICS,
+    close_history_window,
+    collate_to_device,
+    evaluate,
+    keep_best,
+    loss_of,
+    sum_dtype,
+)
+from peftkit.train.measure import peak_cuda_memory_mb, peak_rss_mb
+from peftkit.train.processes import make_accelerator, process_slice
+from peftkit.train.schedule import SCHEDULERS, lr_multiplier, warmup_steps
 
 BEST_DIRNAME = "best"
 METRICS_FILENAME = "metrics.json"
-EVAL_METRICS = ("accuracy", "loss")
-_SCHEDULERS = ("linear", "cosine", "constant")
 _PRECISIONS = ("no", "bf16", "fp16")
 _STATE_FORMAT = 1
 
@@ -120,9 +133,9 @@ class TrainingArguments:
             raise PeftkitError(f"TrainingArguments.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise PeftkitError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_scheduler not in _SCHEDULERS:
+        if self.lr_scheduler not in SCHEDULERS:
             raise PeftkitError(
-                f"TrainingArguments.lr_scheduler must be one of {', '.join(_SCHEDULERS)}, got {self.lr_scheduler!r}"
+                f"TrainingArguments.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"
             )
         if self.mixed_precision not in _PRECISIONS:
             raise PeftkitError(
@@ -192,6 +205,33 @@ class _Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How many examples, batches and steps a run has; fixed by the data, the arguments and the process count."""
+
+    global_batch: int  # examples of one global batch: batch_size x processes
+    batches_per_epoch: int  # global batches
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    geometry: dict[str, int]  # what a resumed run must share with the run it continues
+
+    @classmethod
+    def of(cls, num_examples: int, args: TrainingArguments, world: int) -> StepPlan:
+        global_batch = args.batch_size * world
+        batches_per_epoch = math.ceil(num_examples / global_batch)
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_steps is not None:
+            total_steps = args.max_steps
+        else:
+            total_steps = max(1, math.ceil(args.epochs * steps_per_epoch - 1e-9))
+        geometry = {
+            "examples_per_global_batch": global_batch,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_train_examples": num_examples,
+        }
+        return cls(global_batch, batches_per_epoch, steps_per_epoch, total_steps, geometry)
+
+
 def train(
     model: torch.nn.Module,
     train_data: Sequence[Any],
@@ -211,363 +251,401 @@ def train(
     new best evaluation is stored. When there was any evaluation, the best trainable weights are loaded
     back into ``model`` at the end. Writes checkpoints, ``best/`` and ``metrics.json`` under
     ``args.output_dir``. With ``args.gradient_checkpointing`` the transformers model inside ``model``
-    recomputes activations in the backward pass for this run (see ``_gradient_checkpointing``).
+    recomputes activations in the backward pass for this run (see ``gradient_checkpointing``).
     """
     args.validate()
-    # `cleanup` ends the experiment trackers that _train starts, also when training fails.
-    with contextlib.ExitStack() as cleanup, _gradient_checkpointing(model, args.gradient_checkpointing):
-        return _train(model, train_data, eval_data, args, collate_fn, batch_order=batch_order, on_save_best=on_save_best,
-                      cleanup=cleanup)
+    # `cleanup` ends the experiment trackers that the trainer starts, also when training fails.
+    with contextlib.ExitStack() as cleanup, gradient_checkpointing(model, args.gradient_checkpointing):
+        trainer = Trainer(model, train_data, eval_data, args, collate_fn, batch_order=batch_order,
+                          on_save_best=on_save_best)
+        return trainer.run(cleanup)
 
 
-def _train(model, train_data, eval_data, args: TrainingArguments, collate_fn, *, batch_order, on_save_best,
-           cleanup: contextlib.ExitStack) -> TrainResult:
-    started = time.perf_counter()
-    if len(train_data) == 0:
-        raise PeftkitError("train_data is empty; there is nothing to train on")
-    has_eval = eval_data is not None and len(eval_data) > 0
-    metric_key = args.metric_for_best.removeprefix("eval_")
-    if metric_key not in EVAL_METRICS:
-        raise PeftkitError(
-            f"TrainingArguments.metric_for_best={args.metric_for_best!r} is not an eval metric; "
-            f"use one of {', '.join(EVAL_METRICS)}"
-        )
-    if metric_key == "loss" and args.greater_is_better:
-        raise PeftkitError("metric_for_best='loss' keeps the lowest loss: set greater_is_better=False")
+class Trainer:
+    """One run of ``train``, stage by stage (see the module docstring). Use ``train``; this is its inside."""
 
-    trackers = tracking.trackers_of(args.report_to)
-    accelerator = _make_accelerator(args.mixed_precision, **tracking.accelerator_options(trackers, args.output_dir))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed, device_specific=True)  # process p gets seed + p; process 0 matches a 1-process run
+    def __init__(self, model: torch.nn.Module, train_data: Sequence[Any], eval_data: Sequence[Any] | None,
+                 args: TrainingArguments, collate_fn, *, batch_order=None, on_save_best=None):
+        self.model, self.train_data, self.eval_data, self.args = model, train_data, eval_data, args
+        self.collate_fn, self.batch_order, self.on_save_best = collate_fn, batch_order, on_save_best
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_root = ckpt.checkpoints_dir(self.output_dir)
+        self.state = _Progress()
+        self.resume_from: Path | None = None
+        self.progress_bar = None
+        # This invocation's clock: training time (steps only), step times, examples, the time limit.
+        self.train_time = 0.0
+        self.step_times: list[float] = []
+        self.examples_this_run = 0
+        self.out_of_time = False
+        self.last_saved_step: int | None = None
 
-    params = ckpt.trainable_parameters(model)
-    if not params:
-        raise PeftkitError(
-            "the model has no trainable parameters (none with requires_grad=True); wrap it with an "
-            "adapter (get_peft_model) or unfreeze the parameters to train"
-        )
-    num_trainable = sum(p.numel() for p in params.values())
-    num_total = sum(p.numel() for p in model.parameters())
+    def run(self, cleanup: contextlib.ExitStack) -> TrainResult:
+        """All stages in order; ``cleanup`` ends the trackers."""
+        self.started = time.perf_counter()
+        self.check_inputs()
+        self.plan()
+        self.start()
+        run_config = {**asdict(self.args), "trainable_parameters": self.num_trainable,
+                      "total_parameters": self.num_total, "num_processes": self.world,
+                      "total_steps": self.steps.total_steps}
+        cleanup.enter_context(tracking.tracked_run(self.accelerator, self.trackers, self.output_dir, run_config))
+        self.build_optimizer()
+        self.restore_process_state()
+        if self.args.progress and self.accelerator.is_main_process:
+            self.progress_bar = tqdm(total=self.steps.total_steps, initial=self.state.step, desc="train", unit="step",
+                                     dynamic_ncols=True)
+        self.last_saved_step = self.state.step if self.resume_from is not None else None
+        self.train_epochs()
+        return self.finish()
 
-    output_dir = Path(args.output_dir)
-    checkpoint_root = ckpt.checkpoints_dir(output_dir)
-    global_batch = args.batch_size * world
-    batches_per_epoch = math.ceil(len(train_data) / global_batch)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_steps is not None:
-        total_steps = args.max_steps
-    else:
-        total_steps = max(1, math.ceil(args.epochs * steps_per_epoch - 1e-9))
-    geometry = {
-        "examples_per_global_batch": global_batch,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_train_examples": len(train_data),
-    }
-
-    # Methods that choose what to train from data (sparse fine-tuning) look at a few batches first;
-    # before a resumed checkpoint is loaded, so they choose exactly as the interrupted run did.
-    prepare_training = getattr(model, "prepare_training", None)
-    if callable(prepare_training):
-        prepare_training(_first_batches(train_data, args, collate_fn, accelerator))
-    step_hook = getattr(model, "on_optimizer_step", None)
-
-    resume_from: Path | None = None
-    state = _Progress()
-    if args.resume:
-        resume_from = ckpt.resolve_resume_checkpoint(args.resume, output_dir)
-        saved = ckpt.read_state(resume_from)
-        _check_geometry(saved.get("geometry", {}), geometry, resume_from)
-        if saved.get("seed") != args.seed:
-            warnings.warn(
-                f"resuming {resume_from} (seed {saved.get('seed')}) with seed {args.seed}: the data order "
-                "of later epochs follows the new seed",
-                stacklevel=2,
-            )
-        state = _Progress(**saved["progress"])
-        ckpt.load_trainable_into(model, resume_from / ckpt.TRAINABLE_FILENAME)
-        accelerator.print(f"resumed from {resume_from} at step {state.step} of {total_steps} (epoch {state.epoch + 1}, "
-                          f"batch {state.batch_in_epoch} of that epoch)", flush=True)
-    elif ckpt.list_checkpoints(checkpoint_root):
-        raise PeftkitError(
-            f"{checkpoint_root} already holds checkpoints of an earlier run. Pass resume=True (peftkit train --resume) to continue "
-            "it, or use another output_dir (or delete that folder) to start afresh."
-        )
-    if accelerator.is_main_process:
-        ckpt.remove_temporary_folders(checkpoint_root)
-        ckpt.remove_temporary_folders(output_dir / BEST_DIRNAME)
-    run_config = {**asdict(args), "trainable_parameters": num_trainable, "total_parameters": num_total,
-                  "num_processes": world, "total_steps": total_steps}
-    cleanup.enter_context(tracking.tracked_run(accelerator, trackers, output_dir, run_config))
-    on_cuda = accelerator.device.type == "cuda"
-
-    optimizer = torch.optim.AdamW(
-        _parameter_groups(params, args.weight_decay), lr=args.learning_rate, weight_decay=args.weight_decay
-    )
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_multiplier(args.lr_scheduler, warmup_steps, total_steps)
-    )
-    if resume_from is not None:
-        optimizer.load_state_dict(ckpt.load_torch_file(resume_from / ckpt.OPTIMIZER_FILENAME))
-        scheduler.load_state_dict(ckpt.load_torch_file(resume_from / ckpt.SCHEDULER_FILENAME))
-
-    # The scheduler stays outside prepare(): Accelerate's scheduler wrapper steps it once per process.
-    was_training = model.training
-    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-
-    if resume_from is not None:
-        scaler_file = resume_from / ckpt.SCALER_FILENAME
-        if accelerator.scaler is not None and scaler_file.is_file():
-            accelerator.scaler.load_state_dict(ckpt.load_torch_file(scaler_file))
-        rng_file = resume_from / ckpt.rng_filename(rank)
-        if rng_file.is_file():
-            ckpt.restore_rng_state(ckpt.load_torch_file(rng_file))
-        else:
-            warnings.warn(
-                f"{resume_from} has no RNG state for process {rank} (it was written by fewer processes); "
-                "dropout masks after the resume will differ from an uninterrupted run",
-                stacklevel=2,
-            )
-
-    def epoch_order(epoch: int) -> list[int]:
-        if batch_order is None:
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) % (2**63))
-            return torch.randperm(len(train_data), generator=generator).tolist()
-        order = [int(i) for i in batch_order(epoch)]
-        if len(order) != len(train_data):
+    # -- plan --------------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        if len(self.train_data) == 0:
+            raise PeftkitError("train_data is empty; there is nothing to train on")
+        self.has_eval = self.eval_data is not None and len(self.eval_data) > 0
+        self.metric_key = self.args.metric_for_best.removeprefix("eval_")
+        if self.metric_key not in EVAL_METRICS:
             raise PeftkitError(
-                f"batch_order({epoch}) returned {len(order)} indices but train_data has {len(train_data)} "
+                f"TrainingArguments.metric_for_best={self.args.metric_for_best!r} is not an eval metric; "
+                f"use one of {', '.join(EVAL_METRICS)}"
+            )
+        if self.metric_key == "loss" and self.args.greater_is_better:
+            raise PeftkitError("metric_for_best='loss' keeps the lowest loss: set greater_is_better=False")
+
+    def plan(self) -> None:
+        """The accelerator, the seed, the parameters to train and the step plan."""
+        args = self.args
+        self.trackers = tracking.trackers_of(args.report_to)
+        self.accelerator = make_accelerator(args.mixed_precision,
+                                            **tracking.accelerator_options(self.trackers, args.output_dir))
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        set_seed(args.seed, device_specific=True)  # process p gets seed + p; process 0 matches a 1-process run
+        self.params = ckpt.trainable_parameters(self.model)
+        if not self.params:
+            raise PeftkitError(
+                "the model has no trainable parameters (none with requires_grad=True); wrap it with an "
+                "adapter (get_peft_model) or unfreeze the parameters to train"
+            )
+        self.num_trainable = sum(p.numel() for p in self.params.values())
+        self.num_total = sum(p.numel() for p in self.model.parameters())
+        self.steps = StepPlan.of(len(self.train_data), args, self.world)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The order of the training examples in ``epoch``: ``batch_order(epoch)`` or a (seed, epoch) permutation."""
+        if self.batch_order is None:
+            generator = torch.Generator().manual_seed((self.args.seed * 1_000_003 + epoch) % (2**63))
+            return torch.randperm(len(self.train_data), generator=generator).tolist()
+        order = [int(i) for i in self.batch_order(epoch)]
+        if len(order) != len(self.train_data):
+            raise PeftkitError(
+                f"batch_order({epoch}) returned {len(order)} indices but train_data has {len(self.train_data)} "
                 "examples; it must give one index per training example"
             )
         return order
 
-    def evaluate() -> dict[str, float]:
-        return _evaluate(model, eval_data, args.eval_batch_size, collate_fn, accelerator)
+    # -- start or resume ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Let the model prepare, then take the position (and weights) of a resumed checkpoint, if any."""
+        # Methods that choose what to train from data (sparse fine-tuning) look at a few batches first;
+        # before a resumed checkpoint is loaded, so they choose exactly as the interrupted run did.
+        prepare_training = getattr(self.model, "prepare_training", None)
+        if callable(prepare_training):
+            prepare_training(_first_batches(self.train_data, self.args, self.collate_fn, self.accelerator))
+        if self.args.resume:
+            self.resume_position()
+        elif ckpt.list_checkpoints(self.checkpoint_root):
+            raise PeftkitError(
+                f"{self.checkpoint_root} already holds checkpoints of an earlier run. Pass resume=True (peftkit train "
+                "--resume) to continue it, or use another output_dir (or delete that folder) to start afresh."
+            )
+        if self.accelerator.is_main_process:
+            ckpt.remove_temporary_folders(self.checkpoint_root)
+            ckpt.remove_temporary_folders(self.output_dir / BEST_DIRNAME)
 
-    def save_checkpoint() -> None:
-        # Every process puts its RNG state into the folder; the main process adds the rest and renames it.
-        temporary = ckpt.temporary_checkpoint_dir(checkpoint_root, state.step)
+    def resume_position(self) -> None:
+        args = self.args
+        self.resume_from = resume_from = ckpt.resolve_resume_checkpoint(args.resume, self.output_dir)
+        saved = ckpt.read_state(resume_from)
+        _check_geometry(saved.get("geometry", {}), self.steps.geometry, resume_from)
+        if saved.get("seed") != args.seed:
+            warnings.warn(
+                f"resuming {resume_from} (seed {saved.get('seed')}) with seed {args.seed}: the data order "
+                "of later epochs follows the new seed",
+                stacklevel=4,
+            )
+        self.state = _Progress(**saved["progress"])
+        ckpt.load_trainable_into(self.model, resume_from / ckpt.TRAINABLE_FILENAME)
+        self.accelerator.print(
+            f"resumed from {resume_from} at step {self.state.step} of {self.steps.total_steps} "
+            f"(epoch {self.state.epoch + 1}, batch {self.state.batch_in_epoch} of that epoch)", flush=True)
+
+    def build_optimizer(self) -> None:
+        """AdamW and its schedule (restored when resuming), and the model and optimizer prepared by Accelerate."""
+        args, total_steps = self.args, self.steps.total_steps
+        self.optimizer = torch.optim.AdamW(
+            _parameter_groups(self.params, args.weight_decay), lr=args.learning_rate, weight_decay=args.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(args.lr_scheduler, warmup_steps(args.warmup_ratio, total_steps), total_steps)
+        )
+        if self.resume_from is not None:
+            self.optimizer.load_state_dict(ckpt.load_torch_file(self.resume_from / ckpt.OPTIMIZER_FILENAME))
+            self.scheduler.load_state_dict(ckpt.load_torch_file(self.resume_from / ckpt.SCHEDULER_FILENAME))
+        # The scheduler stays outside prepare(): Accelerate's scheduler wrapper steps it once per process.
+        self.was_training = self.model.training
+        self.prepared_model, self.prepared_optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model.train()
+
+    def restore_process_state(self) -> None:
+        """A resumed run's gradient scaler and this process's RNG state."""
+        if self.resume_from is None:
+            return
+        scaler_file = self.resume_from / ckpt.SCALER_FILENAME
+        if self.accelerator.scaler is not None and scaler_file.is_file():
+            self.accelerator.scaler.load_state_dict(ckpt.load_torch_file(scaler_file))
+        rng_file = self.resume_from / ckpt.rng_filename(self.rank)
+        if rng_file.is_file():
+            ckpt.restore_rng_state(ckpt.load_torch_file(rng_file))
+        else:
+            warnings.warn(
+                f"{self.resume_from} has no RNG state for process {self.rank} (it was written by fewer processes); "
+                "dropout masks after the resume will differ from an uninterrupted run",
+                stacklevel=3,
+            )
+
+    # -- steps -------------------------------------------------------------------------------------
+    def train_epochs(self) -> None:
+        """Optimizer steps until the plan's last step (or the time limit), evaluating and saving on the way."""
+        state, total_steps, accumulation = self.state, self.steps.total_steps, self.args.gradient_accumulation_steps
+        while state.step < total_steps and not self.out_of_time:
+            order = self.epoch_order(state.epoch)
+            global_batch = self.steps.global_batch
+            batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+            while state.batch_in_epoch < len(batches) and state.step < total_steps:
+                step_started = time.perf_counter()
+                group = batches[state.batch_in_epoch : state.batch_in_epoch + accumulation]
+                loss_value, step_lr = self.step(group)
+                self.count_step(group, loss_value, step_lr, step_started)
+                epoch_done = state.batch_in_epoch >= len(batches)
+                self.after_step(epoch_done)
+                if epoch_done or self.out_of_time:
+                    break  # the next epoch has its own order; out of time, the end of the run follows
+
+    def step(self, group: list[list[int]]) -> tuple[float, float]:
+        """One optimizer step over ``group`` (global batches); returns (the step's mean loss, its learning rate)."""
+        accelerator, rank, world = self.accelerator, self.rank, self.world
+        step_examples = sum(len(b) for b in group)
+        step_loss = torch.zeros((), dtype=sum_dtype(accelerator.device), device=accelerator.device)
+        for position, global_indices in enumerate(group):
+            local = process_slice(global_indices, rank, world)
+            # A process left without examples (a short last batch) runs one with weight 0, so
+            # every process makes the same forward/backward calls that DDP expects.
+            share = len(local) / step_examples
+            examples = [self.train_data[i] for i in (local or global_indices[:1])]
+            batch = collate_to_device(self.collate_fn, examples, accelerator.device)
+            last_micro_batch = position == len(group) - 1
+            with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(self.prepared_model):
+                loss = loss_of(self.prepared_model(**batch))
+                # DDP averages gradients over processes, hence the factor `world`.
+                accelerator.backward(loss * (share * world))
+            step_loss += loss.detach().to(step_loss.dtype) * share
+        if self.args.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(list(self.params.values()), self.args.max_grad_norm)
+        step_lr = self.scheduler.get_last_lr()[0]
+        self.prepared_optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        step_hook = getattr(self.model, "on_optimizer_step", None)
+        if callable(step_hook):  # adaptive-rank LoRA reads the gradients here, before they are cleared
+            step_hook(self.state.step + 1, self.steps.total_steps)
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+        return float(step_loss), step_lr
+
+    def count_step(self, group: list[list[int]], loss_value: float, step_lr: float, step_started: float) -> None:
+        """Move the position on by one step; log it to the trackers and the progress bar."""
+        state = self.state
+        step_examples = sum(len(b) for b in group)
+        state.step += 1
+        state.batch_in_epoch += len(group)
+        state.examples_seen += step_examples
+        state.loss_sum += loss_value
+        state.window_loss_sum += loss_value
+        state.window_steps += 1
+        state.smoothed_loss = loss_value if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss_value
+        self.examples_this_run += step_examples
+        self.step_times.append(time.perf_counter() - step_started)
+        self.train_time += self.step_times[-1]
+        examples_per_second = self.examples_this_run / max(self.train_time, 1e-9)
+        if self.trackers:
+            logged = {
+                "train/loss": loss_value,
+                "train/learning_rate": step_lr,
+                "train/examples_per_second": examples_per_second,  # as the progress bar
+                "train/epoch": state.step / self.steps.steps_per_epoch,
+                "train/peak_rss_mb": peak_rss_mb(),
+            }
+            cuda_memory = peak_cuda_memory_mb(self.accelerator.device)
+            if cuda_memory is not None:
+                logged["train/peak_cuda_memory_mb"] = cuda_memory
+            self.accelerator.log(logged, step=state.step)
+        if self.progress_bar is not None:
+            self.progress_bar.set_postfix(loss=f"{state.smoothed_loss:.4f}", lr=f"{step_lr:.2e}",
+                                          ex_s=f"{examples_per_second:.0f}", refresh=False)
+            self.progress_bar.update(1)
+
+    def after_step(self, epoch_done: bool) -> None:
+        """Evaluate, end the epoch, checkpoint and check the time limit, as due after a step."""
+        args, state = self.args, self.state
+        eval_now = self.has_eval and (
+            (args.eval_steps is not None and state.step % args.eval_steps == 0)
+            or (epoch_done and args.eval_every_epoch)
+        )
+        if eval_now or epoch_done:
+            self.record(self.evaluate() if eval_now else None)
+        if epoch_done:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        if epoch_done or (args.save_steps is not None and state.step % args.save_steps == 0):
+            self.save_checkpoint()
+            self.last_saved_step = state.step
+        if args.max_time_s is not None and state.step < self.steps.total_steps:
+            out_of_time = self.train_time >= args.max_time_s
+            if self.world > 1:  # every process stops at the same step, or DDP would wait forever
+                flag = torch.tensor([float(out_of_time)], device=self.accelerator.device)
+                out_of_time = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            self.out_of_time = out_of_time
+
+    # -- evaluate and keep the best ----------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.eval_data, self.args.eval_batch_size, self.collate_fn,
+                        self.accelerator.device, accelerator=self.accelerator)
+
+    def record(self, evaluation: dict[str, float] | None) -> None:
+        """Append a history record; store the weights if the evaluation is the best so far."""
+        state = self.state
+        entry = close_history_window(state, state.step, round(state.step / self.steps.steps_per_epoch, 4), evaluation)
+        if evaluation is None:
+            return
+        if self.trackers:
+            self.accelerator.log({f"eval/{key}": value for key, value in evaluation.items()}, step=state.step)
+        state.last_eval, state.last_eval_step = evaluation, state.step
+        self.keep_best(evaluation)
+        if self.progress_bar is not None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items())
+            self.progress_bar.write(f"step {state.step} (epoch {entry['epoch']:g}): eval {shown}")
+
+    def keep_best(self, evaluation: dict[str, float]) -> None:
+        """Write best/ (and call on_save_best) when ``evaluation`` is the best so far."""
+        if self.metric_key not in evaluation:
+            raise PeftkitError(
+                f"metric_for_best={self.args.metric_for_best!r} is not among the eval metrics "
+                f"({', '.join(sorted(evaluation))}); pick one of those"
+            )
+        if not keep_best(self.state, self.state.step, evaluation, self.metric_key, self.args.greater_is_better):
+            return
+        if self.accelerator.is_main_process:
+            best_dir = self.output_dir / BEST_DIRNAME
+            write_tensors(best_dir / ckpt.TRAINABLE_FILENAME, ckpt.trainable_parameters(self.model))
+            write_json(best_dir / "state.json", {"step": self.state.step, "metrics": evaluation})
+            if self.on_save_best is not None:
+                self.on_save_best(self.model)
+        self.accelerator.wait_for_everyone()
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Every process puts its RNG state into the folder; the main process adds the rest and renames it."""
+        accelerator, state, root = self.accelerator, self.state, self.checkpoint_root
+        temporary = ckpt.temporary_checkpoint_dir(root, state.step)
         if accelerator.is_main_process:
-            ckpt.prepare_temporary_dir(checkpoint_root, state.step)
+            ckpt.prepare_temporary_dir(root, state.step)
         accelerator.wait_for_everyone()
-        ckpt.write_process_rng(temporary, rank)
+        ckpt.write_process_rng(temporary, self.rank)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.finish_checkpoint(
                 temporary,
                 step=state.step,
-                trainable=ckpt.trainable_parameters(model),
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
+                trainable=ckpt.trainable_parameters(self.model),
+                optimizer_state=self.optimizer.state_dict(),
+                scheduler_state=self.scheduler.state_dict(),
                 scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 state={
                     "format": _STATE_FORMAT,
-                    "seed": args.seed,
-                    "num_processes": world,
-                    "total_steps": total_steps,
-                    "geometry": geometry,
+                    "seed": self.args.seed,
+                    "num_processes": self.world,
+                    "total_steps": self.steps.total_steps,
+                    "geometry": self.steps.geometry,
                     "progress": asdict(state),
                 },
-                keep=args.keep_checkpoints,
+                keep=self.args.keep_checkpoints,
             )
         accelerator.wait_for_everyone()
 
-    def record(evaluation: dict[str, float] | None) -> None:
-        """Append a history record; store the weights if the evaluation is the best so far."""
-        entry = {
-            "epoch": round(state.step / steps_per_epoch, 4),
-            "step": state.step,
-            "train_loss": state.window_loss_sum / state.window_steps if state.window_steps else None,
-            "eval": evaluation,
-        }
-        state.history.append(entry)
-        state.window_loss_sum, state.window_steps = 0.0, 0
-        if evaluation is None:
-            return
-        if trackers:
-            accelerator.log({f"eval/{key}": value for key, value in evaluation.items()}, step=state.step)
-        state.last_eval, state.last_eval_step = evaluation, state.step
-        if metric_key not in evaluation:
-            raise PeftkitError(
-                f"metric_for_best={args.metric_for_best!r} is not among the eval metrics "
-                f"({', '.join(sorted(evaluation))}); pick one of those"
-            )
-        value = evaluation[metric_key]
-        improved = state.best_metric is None or (
-            value > state.best_metric if args.greater_is_better else value < state.best_metric
+    # -- finish ------------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """Evaluate and save the last step, load the best weights back, write metrics.json."""
+        state = self.state
+        # The run may stop mid-epoch (max_steps, fractional epochs): evaluate and save that last step too.
+        recorded_at_end = True
+        if self.has_eval and state.last_eval_step != state.step:
+            self.record(self.evaluate())
+        elif state.window_steps:
+            self.record(None)
+        else:
+            recorded_at_end = False
+        if recorded_at_end or self.last_saved_step != state.step:
+            self.save_checkpoint()
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        if state.best_step is not None:
+            self.accelerator.wait_for_everyone()
+            if state.best_step != state.step:
+                ckpt.load_trainable_into(self.model, self.output_dir / BEST_DIRNAME / ckpt.TRAINABLE_FILENAME)
+        self.accelerator.unwrap_model(self.prepared_model, keep_fp32_wrapper=False)  # undo the autocast forward patch
+        self.model.train(self.was_training)
+        result = self.result()
+        if self.accelerator.is_main_process:
+            write_json(self.output_dir / METRICS_FILENAME, result.to_dict())
+        self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()
+        return result
+
+    def result(self) -> TrainResult:
+        state, steps = self.state, self.steps
+        return TrainResult(
+            final_eval=state.last_eval,
+            best_eval=state.best_eval,
+            best_step=state.best_step,
+            metric_for_best=self.metric_key,
+            history=state.history,
+            train_loss=state.loss_sum / state.step if state.step else None,
+            final_train_loss=_last_train_loss(state.history),
+            steps=state.step,
+            epochs=round(state.step / steps.steps_per_epoch, 4),
+            examples_seen=state.examples_seen,
+            examples_per_second=self.examples_this_run / self.train_time if self.train_time > 0 else 0.0,
+            wall_time_s=time.perf_counter() - self.started,
+            peak_rss_mb=peak_rss_mb(),
+            peak_cuda_memory_mb=peak_cuda_memory_mb(self.accelerator.device),
+            trainable_parameters=self.num_trainable,
+            total_parameters=self.num_total,
+            num_processes=self.world,
+            global_batch_size=steps.global_batch * self.args.gradient_accumulation_steps,
+            resumed_from=str(self.resume_from) if self.resume_from is not None else None,
+            output_dir=str(self.output_dir),
+            median_step_time_s=statistics.median(self.step_times) if self.step_times else None,
+            stopped_by_time_limit=self.out_of_time,
         )
-        if improved:
-            state.best_metric, state.best_step, state.best_eval = value, state.step, evaluation
-            if accelerator.is_main_process:
-                best_dir = output_dir / BEST_DIRNAME
-                write_tensors(best_dir / ckpt.TRAINABLE_FILENAME, ckpt.trainable_parameters(model))
-                write_json(best_dir / "state.json", {"step": state.step, "metrics": evaluation})
-                if on_save_best is not None:
-                    on_save_best(model)
-            accelerator.wait_for_everyone()
-        if progress_bar is not None:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items())
-            progress_bar.write(f"step {state.step} (epoch {entry['epoch']:g}): eval {shown}")
-
-    trainable_list = list(params.values())
-    show_progress = args.progress and accelerator.is_main_process
-    progress_bar = (
-        tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-        if show_progress
-        else None
-    )
-    train_time = 0.0
-    step_times: list[float] = []
-    out_of_time = False
-    examples_this_run = 0
-    last_saved_step = state.step if resume_from is not None else None
-
-    while state.step < total_steps and not out_of_time:
-        order = epoch_order(state.epoch)
-        batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
-        while state.batch_in_epoch < len(batches) and state.step < total_steps:
-            step_started = time.perf_counter()
-            group = batches[state.batch_in_epoch : state.batch_in_epoch + args.gradient_accumulation_steps]
-            step_examples = sum(len(b) for b in group)
-            step_loss = torch.zeros((), dtype=_sum_dtype(accelerator.device), device=accelerator.device)
-            for position, global_indices in enumerate(group):
-                local = _process_slice(global_indices, rank, world)
-                # A process left without examples (a short last batch) runs one with weight 0, so
-                # every process makes the same forward/backward calls that DDP expects.
-                share = len(local) / step_examples
-                batch = _collate(collate_fn, [train_data[i] for i in (local or global_indices[:1])], accelerator)
-                last_micro_batch = position == len(group) - 1
-                with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(prepared_model):
-                    loss = _loss_of(prepared_model(**batch))
-                    # DDP averages gradients over processes, hence the factor `world`.
-                    accelerator.backward(loss * (share * world))
-                step_loss += loss.detach().to(step_loss.dtype) * share
-            if args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(trainable_list, args.max_grad_norm)
-            step_lr = scheduler.get_last_lr()[0]
-            prepared_optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            if callable(step_hook):  # adaptive-rank LoRA reads the gradients here, before they are cleared
-                step_hook(state.step + 1, total_steps)
-            prepared_optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss, reduction="sum")
-            loss_value = float(step_loss)
-
-            state.step += 1
-            state.batch_in_epoch += len(group)
-            state.examples_seen += step_examples
-            state.loss_sum += loss_value
-            state.window_loss_sum += loss_value
-            state.window_steps += 1
-            state.smoothed_loss = (
-                loss_value if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss_value
-            )
-            examples_this_run += step_examples
-            step_times.append(time.perf_counter() - step_started)
-            train_time += step_times[-1]
-            if trackers:
-                logged = {
-                    "train/loss": loss_value,
-                    "train/learning_rate": step_lr,
-                    "train/examples_per_second": examples_this_run / max(train_time, 1e-9),  # as the progress bar
-                    "train/epoch": state.step / steps_per_epoch,
-                    "train/peak_rss_mb": _peak_rss_mb(),
-                }
-                if on_cuda:
-                    logged["train/peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
-                accelerator.log(logged, step=state.step)
-            if progress_bar is not None:
-                progress_bar.set_postfix(
-                    loss=f"{state.smoothed_loss:.4f}",
-                    lr=f"{step_lr:.2e}",
-                    ex_s=f"{examples_this_run / max(train_time, 1e-9):.0f}",
-                    refresh=False,
-                )
-                progress_bar.update(1)
-
-            epoch_done = state.batch_in_epoch >= len(batches)
-            eval_now = has_eval and (
-                (args.eval_steps is not None and state.step % args.eval_steps == 0)
-                or (epoch_done and args.eval_every_epoch)
-            )
-            if eval_now or epoch_done:
-                record(evaluate() if eval_now else None)
-            if epoch_done:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            if epoch_done or (args.save_steps is not None and state.step % args.save_steps == 0):
-                save_checkpoint()
-                last_saved_step = state.step
-            if args.max_time_s is not None and state.step < total_steps:
-                out_of_time = train_time >= args.max_time_s
-                if world > 1:  # every process stops at the same step, or DDP would wait forever
-                    flag = torch.tensor([float(out_of_time)], device=accelerator.device)
-                    out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-            if epoch_done or out_of_time:
-                break  # the next epoch has its own order; out of time, the end of the run follows
-
-    # The run may stop mid-epoch (max_steps, fractional epochs): evaluate and save that last step too.
-    recorded_at_end = True
-    if has_eval and state.last_eval_step != state.step:
-        record(evaluate())
-    elif state.window_steps:
-        record(None)
-    else:
-        recorded_at_end = False
-    if recorded_at_end or last_saved_step != state.step:
-        save_checkpoint()
-    if progress_bar is not None:
-        progress_bar.close()
-
-    best_file = output_dir / BEST_DIRNAME / ckpt.TRAINABLE_FILENAME
-    if state.best_step is not None:
-        accelerator.wait_for_everyone()
-        if state.best_step != state.step:
-            ckpt.load_trainable_into(model, best_file)
-    accelerator.unwrap_model(prepared_model, keep_fp32_wrapper=False)  # undo the autocast forward patch
-    model.train(was_training)
-
-    result = TrainResult(
-        final_eval=state.last_eval,
-        best_eval=state.best_eval,
-        best_step=state.best_step,
-        metric_for_best=metric_key,
-        history=state.history,
-        train_loss=state.loss_sum / state.step if state.step else None,
-        final_train_loss=_last_train_loss(state.history),
-        steps=state.step,
-        epochs=round(state.step / steps_per_epoch, 4),
-        examples_seen=state.examples_seen,
-        examples_per_second=examples_this_run / train_time if train_time > 0 else 0.0,
-        wall_time_s=time.perf_counter() - started,
-        peak_rss_mb=_peak_rss_mb(),
-        peak_cuda_memory_mb=(
-            torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if accelerator.device.type == "cuda" else None
-        ),
-        trainable_parameters=num_trainable,
-        total_parameters=num_total,
-        num_processes=world,
-        global_batch_size=global_batch * args.gradient_accumulation_steps,
-        resumed_from=str(resume_from) if resume_from is not None else None,
-        output_dir=str(output_dir),
-        median_step_time_s=statistics.median(step_times) if step_times else None,
-        stopped_by_time_limit=out_of_time,
-    )
-    if accelerator.is_main_process:
-        write_json(output_dir / METRICS_FILENAME, result.to_dict())
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()
-    return result
 
 
 # --------------------------------------------------------------------------- pieces
 
 
 @contextlib.contextmanager
-def _gradient_checkpointing(model: torch.nn.Module, enabled: bool):
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool):
     """Gradient checkpointing on the transformers model in ``model`` (itself, or a PeftModel's base) while inside.
 
     Checkpointing is switched on with ``use_reentrant=False``: the reentrant form computes no
@@ -623,36 +701,6 @@ def _gradient_checkpointing(model: torch.nn.Module, enabled: bool):
             config.use_cache = use_cache
 
 
-def _make_accelerator(mixed_precision: str, **options) -> Accelerator:
-    """An Accelerator for one run; ``options`` go to it as they are (the trackers' log_with and project_dir)."""
-    # Accumulation is done here (see the module docstring); num_steps=1 also keeps an
-    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from the environment from scaling the loss.
-    plugin = GradientAccumulationPlugin(num_steps=1)
-    # Under torchrun (`accelerate launch --multi_gpu`) on a machine without an accelerator, Accelerate
-    # treats every process as a lone one unless told cpu=True; `--cpu` itself starts one process only.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device()
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin, **options)
-    except ValueError as error:
-        # Accelerate keeps process-wide state and refuses a second Accelerator with another
-        # mixed_precision. In a single process that state can safely be started over.
-        from accelerate.state import AcceleratorState, PartialState
-
-        if "already been initialized" not in str(error) or PartialState().num_processes > 1:
-            raise PeftkitError(
-                f"Accelerate could not start with mixed_precision={mixed_precision!r}: {error}"
-            ) from None
-        AcceleratorState._reset_state()
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=plugin, **options)
-
-
-def _has_accelerator_device() -> bool:
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    return bool(xpu is not None and xpu.is_available())
-
-
 def _check_geometry(saved: Mapping[str, int], current: Mapping[str, int], where: Path) -> None:
     for key, value in current.items():
         if key in saved and saved[key] != value:
@@ -671,125 +719,13 @@ def _parameter_groups(params: Mapping[str, torch.nn.Parameter], weight_decay: fl
     return [g for g in groups if g["params"]]
 
 
-def _lr_multiplier(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor for optimizer step ``step`` (0-based): warmup, then the chosen shape.
-
-    Warmup reaches the full rate at step ``warmup_steps``; decay ends just above 0 at the last step,
-    so no step is spent with a zero learning rate.
-    """
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        remaining = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / remaining)
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def _process_slice(global_indices: Sequence[int], rank: int, world: int) -> list[int]:
-    """This process's contiguous share of a global batch (sizes differ by at most one)."""
-    n = len(global_indices)
-    return list(global_indices[rank * n // world : (rank + 1) * n // world])
-
-
 def _first_batches(train_data, args: TrainingArguments, collate_fn, accelerator: Accelerator):
     """Training batches in a seed-fixed order, the same on every process, made as they are read."""
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train_data), generator=generator).tolist()
     for start in range(0, len(order), args.batch_size):
-        yield _collate(collate_fn, [train_data[i] for i in order[start:start + args.batch_size]], accelerator)
-
-
-def _collate(collate_fn, examples: list, accelerator: Accelerator) -> dict[str, torch.Tensor]:
-    batch = collate_fn(examples)
-    if not isinstance(batch, Mapping):
-        raise PeftkitError(f"collate_fn must return a dict of tensors (model(**batch)), got {type(batch).__name__}")
-    return send_to_device(dict(batch), accelerator.device)
-
-
-def _loss_of(output: Any) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, Mapping):
-        loss = output.get("loss")
-    if loss is None:
-        raise PeftkitError(
-            "the model returned no loss: it must return an object with .loss when the batch holds "
-            "'labels' (check that collate_fn puts the labels under the key 'labels')"
-        )
-    return loss
-
-
-@torch.no_grad()
-def _evaluate(model, eval_data, batch_size: int, collate_fn, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and accuracy over ``eval_data``; every process takes a contiguous share, sums are reduced.
-
-    loss: mean of the model's batch losses weighted by batch size. accuracy: argmax of the logits
-    against ``labels``, ignoring positions labelled -100 (for a causal LM, the next token's label:
-    token accuracy on the labelled tokens). The unwrapped model is used, so processes
-    need not run the same number of batches; the RNG is forked so evaluation draws no training
-    randomness.
-    """
-    rank, world = accelerator.process_index, accelerator.num_processes
-    shard = _process_slice(range(len(eval_data)), rank, world)
-    shifted = _predicts_next_token(model)
-    loss_sum, examples, correct, labelled = 0.0, 0, 0, 0
-    devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=devices):
-        for start in range(0, len(shard), batch_size):
-            indices = shard[start : start + batch_size]
-            batch = _collate(collate_fn, [eval_data[i] for i in indices], accelerator)
-            output = model(**batch)
-            loss_sum += float(_loss_of(output)) * len(indices)
-            examples += len(indices)
-            logits = getattr(output, "logits", None)
-            labels = batch.get("labels")
-            if logits is not None and labels is not None:
-                predictions = logits.argmax(dim=-1)
-                if predictions.dim() == 2 and labels.dim() == 2 and predictions.shape[1] > labels.shape[1]:
-                    # Prompt tuning on a causal LM returns logits for its virtual tokens first; peft does the same.
-                    predictions = predictions[:, -labels.shape[1]:]
-                if shifted:
-                    # A causal LM's logits at position t predict token t + 1 (its loss shifts the same way).
-                    predictions, labels = predictions[:, :-1], labels[:, 1:]
-                if predictions.shape != labels.shape:
-                    raise PeftkitError(
-                        f"cannot compute accuracy: argmax of the logits has shape {tuple(predictions.shape)} "
-                        f"but labels have shape {tuple(labels.shape)}"
-                    )
-                counted = labels != -100
-                correct += int((predictions == labels)[counted].sum())
-                labelled += int(counted.sum())
-    model.train(was_training)
-    if world > 1:
-        sums = torch.tensor(
-            [loss_sum, examples, correct, labelled], dtype=_sum_dtype(accelerator.device), device=accelerator.device
-        )
-        loss_sum, examples, correct, labelled = accelerator.reduce(sums, reduction="sum").tolist()
-    metrics = {"loss": loss_sum / examples if examples else float("nan")}
-    if labelled:
-        metrics["accuracy"] = correct / labelled
-    return metrics
-
-
-def _predicts_next_token(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or the transformers model it wraps) is a causal LM, whose labels are shifted."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    inner = getattr(model, "base_model", None)
-    return any(type(m).__name__ in causal_names for m in (model, inner) if m is not None)
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        examples = [train_data[i] for i in order[start:start + args.batch_size]]
+        yield collate_to_device(collate_fn, examples, accelerator.device)
 
 
 def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
@@ -797,9 +733,3 @@ def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
         if record["train_loss"] is not None:
             return record["train_loss"]
     return None
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
