@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from peftkit.cli.options import human_bytes
+from peftkit.bench.report import human_bytes
 
 
 def add_parsers(commands) -> None:

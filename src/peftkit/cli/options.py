@@ -52,14 +52,6 @@ def byte_count(text: str) -> int:
     return int(value * factor)
 
 
-def human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
-
-
 def print_rows(rows) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

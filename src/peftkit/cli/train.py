@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from peftkit.cli.options import DefaultsHelpFormatter, human_bytes, int_list, print_rows, target_modules
+from peftkit.bench.report import human_bytes
+from peftkit.cli.options import DefaultsHelpFormatter, int_list, print_rows, target_modules
 from peftkit.errors import PeftkitError
 
 

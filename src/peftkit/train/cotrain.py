@@ -52,13 +52,11 @@ from peftkit.train import tracking
 from peftkit.train.data import (
     DEFAULT_VALIDATION_FRACTION,
     PaddingCollator,
-    describe_holdout,
     length_grouped_order,
     tokenize_examples,
-    with_validation,
 )
 from peftkit.train.evaluation import close_history_window, evaluate, keep_best
-from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, method_config, model_reference
+from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, load_task_with_validation, method_config, model_reference
 from peftkit.train.measure import peak_rss_mb
 from peftkit.train.processes import make_accelerator, process_count
 from peftkit.train.schedule import SCHEDULERS, lr_multiplier, warmup_steps
@@ -123,7 +121,7 @@ class SlotAdamW:
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            as_column = lambda values: torch.tensor(values, dtype=p.dtype, device=p.device).view(shape)  # noqa: E731
+            as_column = lambda values, p=p, shape=shape: torch.tensor(values, dtype=p.dtype, device=p.device).view(shape)  # noqa: E731
             index = chosen.to(p.device)
             grad = p.grad.index_select(0, index)
             value = p.index_select(0, index)
@@ -415,12 +413,7 @@ def cotrain_classifiers(
 
     loaded, holdouts = [], []
     for spec in specs:
-        data = zoo.load_task(spec, text_column=text_column, label_column=label_column)
-        if not data.train:
-            raise PeftkitError(f"task {spec!r} has no training examples")
-        data, holdout = with_validation(data, validation_fraction)
-        if holdout and log is not None:
-            log(describe_holdout(spec, holdout))
+        data, holdout = load_task_with_validation(spec, text_column, label_column, validation_fraction, log)
         loaded.append(data)
         holdouts.append(holdout)
     base, tokenizer = zoo.load_classifier(model, num_labels=2, seed=seed)

@@ -114,7 +114,7 @@ def train_classifier(
     defaults = {"learning_rate": default_learning_rate(method), "epochs": default_epochs(method), "seed": seed}
     arguments = training_arguments(output_dir, defaults, given)  # so do bad training options
     check_quantize(method, quantize)
-    data, holdout = _load_task_with_validation(task, text_column, label_column, validation_fraction, log)
+    data, holdout = load_task_with_validation(task, text_column, label_column, validation_fraction, log)
     base, tokenizer = zoo.load_classifier(model, num_labels=len(data.label_names), id2label=data.label_names, seed=seed)
     quantized = quantization.quantize_model(base, quantize, task_type="SEQ_CLS").settings() if quantize else None
     wrapped = wrap_with_adapter(base, peft_config, seed)
@@ -187,7 +187,7 @@ def model_reference(model: str | os.PathLike) -> str:
     return str(model) if str(model) in zoo.list_models() else str(zoo.resolve_model(model).resolve())
 
 
-def _load_task_with_validation(task, text_column: str, label_column: str, validation_fraction, log):
+def load_task_with_validation(task, text_column: str, label_column: str, validation_fraction, log):
     """The task's data, with a validation split held out of train where it has none: (data, holdout)."""
     data = zoo.load_task(task, text_column=text_column, label_column=label_column)
     if not data.train:
