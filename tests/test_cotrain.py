@@ -41,7 +41,7 @@ def test_slot_adamw_matches_torch_adamw_on_each_slot_alone():
                                       lr=1.0, betas=betas, eps=eps)
         references.append((weight, bias, reference))
     generator = torch.Generator().manual_seed(1)
-    for step in range(12):
+    for _step in range(12):
         grads = [torch.randn(p.shape, generator=generator) for p in stacked]
         active = torch.rand(4, generator=generator) > 0.4
         rates = (torch.rand(4, generator=generator) * 1e-2 + 1e-3).tolist()
@@ -102,7 +102,7 @@ def test_clip_slot_gradients_matches_clip_grad_norm_per_slot():
 
 def test_plan_holds_every_batch_once_and_at_most_one_batch_per_task():
     lengths = {"a": [3, 9, 4, 7, 5, 6, 2, 8, 1, 10, 11], "b": [5, 5, 1, 2], "c": list(range(1, 40))}
-    batches = {t: task_epoch_batches(l, 4, seed=0, epoch=1) for t, l in lengths.items()}
+    batches = {t: task_epoch_batches(lens, 4, seed=0, epoch=1) for t, lens in lengths.items()}
     padded = {t: [max(lengths[t][i] for i in b) for b in batches[t]] for t in lengths}
     plan = plan_epoch(batches, padded, seed=0, epoch=1)
     for task in lengths:
@@ -160,7 +160,6 @@ def _reference_adapter(model_folder, name, slot_names, seed, batches_in_order, t
     torch.optim.AdamW, the job's schedule and clip_grad_norm_ over the same batches in the same order."""
     from peftkit.mixed import MixedLoraModel
     from peftkit.model import PeftModel
-
     from peftkit.train.data import PaddingCollator, tokenize_examples
     from peftkit.train.job import method_config
     from peftkit.train.schedule import lr_multiplier
