@@ -6,6 +6,8 @@ import peft
 import pytest
 import torch
 from conftest import TINY_MODELS, ConvNet, tiny_bert, tiny_gpt2, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import peftkit
 from peftkit import LoraConfig, PeftkitError, get_peft_model
@@ -47,7 +49,7 @@ def test_merge_is_exact_and_unmerge_restores(family, init, input_ids):
     model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=init))
     if init == "pissa":  # PiSSA starts at the base; train a little so the adapter means something
         with torch.no_grad():
-            for name, parameter in model.named_parameters():
+            for _name, parameter in model.named_parameters():
                 if parameter.requires_grad:
                     parameter.add_(torch.randn_like(parameter) * 0.05)
     with torch.no_grad():
@@ -149,8 +151,6 @@ def test_wrap_failure_leaves_model_untouched():
     assert base.state_dict().keys() == expected.keys()
 
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @settings(max_examples=25, deadline=None)

@@ -96,7 +96,7 @@ def test_kernel_pads_ranks_exactly_and_expands_rows():
 # layout; many tokens per row: factors gathered per row.
 @pytest.mark.parametrize("layout,tokens", [("runs", 9), ("runs", 1), ("slot-major", 1), ("gathered", 9)])
 def test_kernel_layouts_match_a_loop_in_value_and_gradient(layout, tokens, monkeypatch):
-    from peftkit import mixed as mixed_module
+    from peftkit.methods.lora import mixed_batch as mixed_module
 
     if layout != "runs":
         monkeypatch.setattr(mixed_module, "MAX_RUNS", 0)
@@ -136,7 +136,7 @@ def test_training_on_runs_fuses_the_frozen_matmul_exactly(rows_per_run, tokens, 
     few rows the frozen matmul plus the low-rank path, with many the merged weight W + s B A."""
     from transformers.pytorch_utils import Conv1D
 
-    from peftkit import mixed as mixed_module
+    from peftkit.methods.lora import mixed_batch as mixed_module
     from peftkit.mixed import AdapterSelection, MixedLoraLinear, _Selecting
 
     torch.manual_seed(3)
@@ -159,8 +159,8 @@ def test_training_on_runs_fuses_the_frozen_matmul_exactly(rows_per_run, tokens, 
     x = torch.randn(len(ids), tokens, in_features, dtype=torch.float64, requires_grad=True)
     called = []
     # the node computes the frozen matmul itself (the fused path) when it is given the weight (a[1])
-    monkeypatch.setattr(mixed_module._LoraRuns, "forward", staticmethod(
-        lambda ctx, *a, _f=mixed_module._LoraRuns.forward: (called.append(1) if a[1] is not None else None) or _f(ctx, *a)))
+    monkeypatch.setattr(mixed_module.LoraRuns, "forward", staticmethod(
+        lambda ctx, *a, _f=mixed_module.LoraRuns.forward: (called.append(1) if a[1] is not None else None) or _f(ctx, *a)))
     with _Selecting(selection, ids):
         output = layer(x)
     assert called, "the fused path did not run"
@@ -182,8 +182,8 @@ def test_training_on_runs_fuses_the_frozen_matmul_exactly(rows_per_run, tokens, 
 
     def fused(x_, a_, b_):
         with _Selecting(selection, ids):
-            return mixed_module._LoraRuns.apply(x_, weight_rows, base.bias, None, a_, b_, layer.scaling,
-                                                mixed_module._contiguous_runs(ids, None))
+            return mixed_module.LoraRuns.apply(x_, weight_rows, base.bias, None, a_, b_, layer.scaling,
+                                               mixed_module.contiguous_runs(ids, None))
 
     torch.autograd.gradcheck(fused, (x, layer.lora_A.detach().clone().requires_grad_(),
                                      layer.lora_B.detach().clone().requires_grad_()))
@@ -197,13 +197,13 @@ def test_training_on_runs_fuses_the_frozen_matmul_exactly(rows_per_run, tokens, 
 
 
 def test_runs_are_found_once_per_batch_and_many_runs_are_gathered():
-    from peftkit.mixed import MAX_RUNS, _contiguous_runs
+    from peftkit.methods.lora.mixed_batch import MAX_RUNS, contiguous_runs
 
     layouts = {}
-    assert _contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) == [(3, 0, 2), (1, 2, 3), (0, 3, 5), (3, 5, 6)]
-    assert len(layouts) == 1 and _contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) is next(iter(layouts.values()))
-    assert _contiguous_runs(torch.arange(MAX_RUNS + 1), None) is None  # one adapter per example: gathered
-    assert _contiguous_runs(torch.arange(MAX_RUNS), None) == [(i, i, i + 1) for i in range(MAX_RUNS)]
+    assert contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) == [(3, 0, 2), (1, 2, 3), (0, 3, 5), (3, 5, 6)]
+    assert len(layouts) == 1 and contiguous_runs(torch.tensor([3, 3, 1, 0, 0, 3]), layouts) is next(iter(layouts.values()))
+    assert contiguous_runs(torch.arange(MAX_RUNS + 1), None) is None  # one adapter per example: gathered
+    assert contiguous_runs(torch.arange(MAX_RUNS), None) == [(i, i, i + 1) for i in range(MAX_RUNS)]
 
 
 def test_gradients_of_a_mixed_batch_are_the_per_adapter_sums(bert_folders):

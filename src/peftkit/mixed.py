@@ -15,357 +15,39 @@ and runs one batched matmul, forward and backward, instead of a Python loop over
 - A classification head (`head="classifier"`) can be stacked too: each adapter has its own head and
   number of labels; logits past an adapter's labels are -inf (the caller computes the loss).
 
-`gathered_lora_update` is the kernel; `PeftModel(..., adapter_names=[...])` uses it as well.
+The stacked layer (`MixedLoraLinear`) and its kernels (`gathered_lora_update`, `LoraRuns`) live in
+`peftkit.methods.lora.mixed_batch`, which `PeftModel(..., adapter_names=[...])` uses as well
+(`peftkit.methods.lora.adapter_names`); this module holds the model: slots, heads, files.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit import io
 from peftkit.config import load_config
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdaptedModule, ReplacementDelta, adapted_modules
-from peftkit.methods.lora import LoraConfig, LoraLinearDelta, _merge_pays, _merged_rows, _pattern_value, lora_scaling
+from peftkit.methods.base import AdaptedModule
+from peftkit.methods.lora.config import LoraConfig, check_plain_lora, module_rank_and_scaling
+from peftkit.methods.lora.layer import init_lora_factors
+from peftkit.methods.lora.mixed_batch import (
+    BASE_ADAPTER,
+    AdapterSelection,
+    MixedLoraLinear,
+    gathered_lora_update,
+    read_selection,
+)
 from peftkit.targeting import ALL_LINEAR, CLASSIFIER_HEAD_NAMES, find_targets, layer_index, linear_types, name_matches
 
-BASE_ADAPTER = "__base__"
+__all__ = ["BASE_ADAPTER", "AdapterSelection", "MixedClassifierHead", "MixedLoraLinear", "MixedLoraModel",
+           "gathered_lora_update"]
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-def gathered_lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
-                         adapter_ids: torch.Tensor, base_output: torch.Tensor | None = None,
-                         dropout: torch.Tensor | None = None, single_id: int | None = None,
-                         layouts: dict | None = None) -> torch.Tensor:
-    """base_output + scaling[ids] * B[ids] A[ids] x, one adapter per example.
-
-    x: (batch, ..., in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,);
-    adapter_ids: (ids_batch,) slot per example, where batch is a multiple of ids_batch (generate repeats
-    each example's rows for beams and num_return_sequences, each row with its example's adapter);
-    base_output: (batch, ..., out) or None (then the update alone is returned); dropout: (slots,)
-    dropout probability per slot, applied to x per example (pass it only in training mode);
-    single_id: every row uses this slot (a plain matmul, no gather); layouts: a dict the caller keeps
-    for one batch, where the rows' arrangement by slot is computed once and reused by every layer.
-    Returns (batch, ..., out).
-
-    When the rows come in a few runs of one adapter each (co-training puts each task's batch in one
-    run), each run is two plain matmuls with its adapter's factors, as a single LoRA computes: no copy
-    of factors or activations, and no scatter of gradients into the stack in backward. Otherwise, two
-    ways to line rows up with their adapters, picked by the bytes they move: gather each row's
-    factors (A[ids], B[ids]: batch x R x (in + out) copied), or, when rows carry few tokens (decoding),
-    put each row's activations at its slot and multiply the stack in place (slots x tokens x (in + out)
-    copied, no weight copy; slots nobody uses up to the highest id cost compute on zero rows).
-    """
-    batch = x.shape[0]
-    if adapter_ids.shape[0] != batch:
-        if adapter_ids.shape[0] == 0 or batch % adapter_ids.shape[0]:
-            raise PeftkitError(
-                f"adapter ids were given for {adapter_ids.shape[0]} examples but a layer received a batch of "
-                f"{batch} rows; pass one adapter id (or name) per example of the batch"
-            )
-        adapter_ids = adapter_ids.repeat_interleave(batch // adapter_ids.shape[0])
-    out_features = lora_B.shape[1]
-    lead = x.shape[:-1]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(lora_A.dtype)
-    if dropout is not None:
-        probability = dropout[adapter_ids].to(x3.dtype).view(batch, 1, 1)
-        if bool((probability > 0).any()):
-            keep = torch.rand_like(x3) >= probability
-            x3 = x3 * keep / (1 - probability)
-    # Without autograd the update is added into the base output in place (no second (batch, tokens, out) buffer).
-    in_place = base_output is not None and base_output.dtype == x3.dtype and base_output.is_contiguous() and not (
-        torch.is_grad_enabled() and (base_output.requires_grad or lora_A.requires_grad or lora_B.requires_grad))
-    if single_id is not None:
-        # Every row has the same adapter: two plain matmuls, as an unmerged single LoRA computes.
-        hidden = F.linear(x3, lora_A[single_id]) * scaling[single_id].to(x3.dtype)
-        if in_place:
-            base_output.view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), lora_B[single_id].t())
-            return base_output
-        update = F.linear(hidden, lora_B[single_id]).reshape(*lead, out_features)
-        return update if base_output is None else base_output + update.to(base_output.dtype)
-    runs = _contiguous_runs(adapter_ids, layouts)
-    if runs is not None:
-        return _update_by_runs(x3, lora_A, lora_B, scaling, runs, base_output, lead, in_place)
-    slots_used, most_rows, occurrence = _slot_layout(adapter_ids, layouts)
-    tokens, rank = x3.shape[1], lora_A.shape[1]
-    if slots_used * most_rows * tokens < batch * rank:
-        # Slot-major: row b goes to (slot ids[b], occurrence[b]); the stacked factors are read where they lie.
-        x_slots = x3.new_zeros(slots_used, most_rows, tokens, x3.shape[-1])
-        x_slots[adapter_ids, occurrence] = x3
-        hidden = torch.bmm(x_slots.view(slots_used, -1, x3.shape[-1]), lora_A[:slots_used].transpose(1, 2))
-        hidden = hidden * scaling[:slots_used].to(hidden.dtype).view(-1, 1, 1)
-        update = torch.bmm(hidden, lora_B[:slots_used].transpose(1, 2)).view(slots_used, most_rows, tokens, out_features)
-        update = update[adapter_ids, occurrence]  # (batch, tokens, out)
-        if base_output is None:
-            return update.reshape(*lead, out_features)
-        if in_place:
-            base_output.view(batch, -1, out_features).add_(update)
-            return base_output
-        return base_output + update.reshape(base_output.shape).to(base_output.dtype)
-    hidden = torch.bmm(x3, lora_A[adapter_ids].transpose(1, 2))  # (batch, tokens, R)
-    hidden = hidden * scaling[adapter_ids].to(hidden.dtype).view(batch, 1, 1)
-    gathered_B = lora_B[adapter_ids].transpose(1, 2)  # (batch, R, out)
-    if base_output is None:
-        return torch.bmm(hidden, gathered_B).reshape(*lead, out_features)
-    if in_place:
-        base_output.view(batch, -1, out_features).baddbmm_(hidden, gathered_B)
-        return base_output
-    if base_output.dtype == hidden.dtype:
-        # One fused op: base + hidden @ B^T.
-        return torch.baddbmm(base_output.reshape(batch, -1, out_features), hidden, gathered_B).reshape(base_output.shape)
-    return base_output + torch.bmm(hidden, gathered_B).reshape(base_output.shape).to(base_output.dtype)
-
-
-# At most this many runs of rows sharing an adapter go through `_update_by_runs` (a loop of plain matmuls);
-# batches cut into more runs (one adapter per example, say) take one gathered batched matmul instead.
-MAX_RUNS = 8
-
-
-def _contiguous_runs(adapter_ids: torch.Tensor, layouts: dict | None) -> list[tuple[int, int, int]] | None:
-    """[(slot, first row, end row), ...] when the rows form at most MAX_RUNS runs of one slot each, else None."""
-    key = ("runs", adapter_ids.shape[0], adapter_ids.device, tuple(adapter_ids.tolist())) if layouts is not None else None
-    if key is not None and key in layouts:
-        return layouts[key]
-    ids = adapter_ids.tolist()
-    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
-    runs = None
-    if len(starts) <= MAX_RUNS:
-        ends = starts[1:] + [len(ids)]
-        runs = [(ids[a], a, b) for a, b in zip(starts, ends)]
-    if key is not None:
-        layouts[key] = runs
-    return runs
-
-
-def _update_by_runs(x3: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
-                    runs: list[tuple[int, int, int]], base_output: torch.Tensor | None, lead: torch.Size,
-                    in_place: bool) -> torch.Tensor:
-    """gathered_lora_update for rows in runs of one slot: each run's base rows plus s B A x."""
-    out_features = lora_B.shape[1]
-    if in_place:
-        _runs_forward(x3, None, None, lora_A, lora_B, scaling.tolist(), runs, base_output.view(x3.shape[0], -1, out_features))
-        return base_output
-    output = _LoraRuns.apply(x3, None, None, base_output, lora_A, lora_B, scaling, runs)
-    return output.reshape(*lead, out_features) if base_output is None else output.view(base_output.shape)
-
-
-def _runs_forward(x3: torch.Tensor, weight_rows: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scales: list[float], runs: list[tuple[int, int, int]], output: torch.Tensor) -> None:
-    """Write into output (batch, tokens, out), per run of slot k: x W^T + b + s_k B_k A_k x.
-
-    With weight_rows None, output already holds the base rows and only the update is added. With the
-    frozen weight, a run with more rows than the weight has, roughly, uses the merged W + s B A (one
-    matmul), as `FusedLoraLinear` does. The rank-r product is taken as (r, N), the fast layout on CPU.
-    """
-    out_features, in_features = output.shape[-1], x3.shape[-1]
-    for slot, start, end in runs:
-        rows = x3[start:end].reshape(-1, in_features)
-        target = output[start:end].view(-1, out_features)
-        s = scales[slot]
-        adapted = slot != 0 and s != 0  # slot 0 is BASE_ADAPTER
-        if weight_rows is not None:
-            merged = adapted and _merge_pays(rows.shape[0], in_features, out_features)
-            weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s) if merged else weight_rows
-            if bias is None:
-                torch.mm(rows, weight.t(), out=target)
-            else:
-                torch.addmm(bias, rows, weight.t(), out=target)
-            if merged:
-                continue
-        if adapted:
-            target.addmm_(torch.mm(lora_A[slot], rows.t()).t(), lora_B[slot].t(), alpha=s)
-
-
-class _LoraRuns(torch.autograd.Function):
-    """Mixed LoRA over rows in runs that share a slot k, as one autograd node: per run, s_k B_k A_k x added to
-    the base rows, where the base is base_output (or zeros) or, given the frozen weight_rows W (out, in)
-    and bias, computed here (the layer's whole output, `FusedLoraLinear`'s computation per run).
-
-    x: (batch, ..., in); lora_A: (slots, R, in); lora_B: (slots, out, R); scaling: (slots,); runs:
-    [(slot, first row, end row), ...] covering the batch. Returns (batch, tokens, out). The rank-R
-    products take R as the leading dimension ((R, N) results): on CPU, the (N, R) forms of autograd's
-    own linear backward are several times slower. Gradients: x, base_output, the stacked factors (zero
-    for slots not in the batch); never W or b.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight_rows, bias, base_output, lora_A, lora_B, scaling, runs):
-        scales = scaling.tolist()  # one read of the scalings, not one per run
-        ctx.save_for_backward(x, weight_rows, lora_A, lora_B)
-        ctx.scales, ctx.runs = scales, runs
-        ctx.base_shape = None if base_output is None else base_output.shape
-        out_features, in_features = lora_B.shape[1], x.shape[-1]
-        x3 = x.reshape(x.shape[0], -1, in_features)
-        if weight_rows is not None:
-            output = x3.new_empty(x3.shape[0], x3.shape[1], out_features)
-        elif base_output is not None:
-            output = base_output.reshape(x3.shape[0], -1, out_features).clone()
-        else:
-            output = x3.new_zeros(x3.shape[0], x3.shape[1], out_features)
-        _runs_forward(x3, weight_rows, bias, lora_A, lora_B, scales, runs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight_rows, lora_A, lora_B = ctx.saved_tensors
-        out_features, in_features = lora_B.shape[1], x.shape[-1]
-        x3 = x.reshape(x.shape[0], -1, in_features)
-        grad = grad_output.reshape(x3.shape[0], -1, out_features)
-        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        grad_x = None
-        if needs_x:  # every run writes its rows when the frozen matmul is here; else only adapted runs add
-            grad_x = torch.empty_like(x3) if weight_rows is not None else torch.zeros_like(x3)
-        grad_A = torch.zeros_like(lora_A) if needs_A else None
-        grad_B = torch.zeros_like(lora_B) if needs_B else None
-        for slot, start, end in ctx.runs:
-            grad_rows = grad[start:end].reshape(-1, out_features)
-            rows = x3[start:end].reshape(-1, in_features)
-            target = grad_x[start:end].view(-1, in_features) if needs_x else None
-            s = ctx.scales[slot]
-            adapted = slot != 0 and s != 0
-            merged = False
-            if weight_rows is not None and needs_x:
-                merged = adapted and _merge_pays(rows.shape[0], in_features, out_features)
-                weight = _merged_rows(weight_rows, lora_A[slot], lora_B[slot], s) if merged else weight_rows
-                torch.mm(grad_rows, weight, out=target)
-            if not adapted:
-                continue
-            grad_hidden_t = torch.mm(lora_B[slot].t(), grad_rows.t()).mul_(s)  # (R, N)
-            if needs_x and not merged:
-                target.addmm_(grad_hidden_t.t(), lora_A[slot])
-            if needs_A:
-                grad_A[slot].addmm_(grad_hidden_t, rows)
-            if needs_B:
-                hidden_t = torch.mm(lora_A[slot], rows.t())  # (R, N), recomputed rather than saved
-                grad_B[slot].add_(torch.mm(hidden_t, grad_rows).t(), alpha=s)
-        grad_base = None
-        if ctx.base_shape is not None and ctx.needs_input_grad[3]:
-            grad_base = grad_output.reshape(ctx.base_shape)
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_base, grad_A, grad_B, None, None
-
-
-def _slot_layout(adapter_ids: torch.Tensor, layouts: dict | None) -> tuple[int, int, torch.Tensor]:
-    """(highest slot + 1, most rows sharing one slot, each row's index among the rows of its slot (batch,))."""
-    key = (adapter_ids.shape[0], adapter_ids.device, tuple(adapter_ids.tolist())) if layouts is not None else None
-    if key is not None and key in layouts:
-        return layouts[key]
-    counts = torch.bincount(adapter_ids)
-    order = torch.argsort(adapter_ids, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    occurrence = torch.empty_like(adapter_ids)
-    occurrence[order] = torch.arange(adapter_ids.shape[0], device=adapter_ids.device) - starts[adapter_ids[order]]
-    layout = (counts.shape[0], int(counts.max()), occurrence)
-    if key is not None:
-        layouts[key] = layout
-    return layout
-
-
-class AdapterSelection(threading.local):
-    """Which slot each example of the running batch uses: set by MixedLoraModel around a forward or
-    generate call and read by its layers (per thread, so threads can run batches of their own)."""
-
-    adapter_ids: torch.Tensor | None = None  # (batch,)
-    single_id: int | None = None  # set when every example uses the same slot
-    layouts: dict | None = None  # rows arranged by slot, computed once per batch (see gathered_lora_update)
-
-
-def _read_selection(selection: AdapterSelection, where: str) -> torch.Tensor:
-    if selection.adapter_ids is None:
-        raise PeftkitError(
-            f"{where} ran without adapter ids: call the MixedLoraModel itself (model(..., adapter_ids=...) or "
-            "adapter_names=[...]), not its base model. Recomputing activations in backward (gradient "
-            "checkpointing) is not supported by mixed batches."
-        )
-    return selection.adapter_ids
-
-
-class MixedLoraLinear(nn.Module):
-    """A frozen nn.Linear (or GPT-2 Conv1D) plus stacked LoRA slots.
-
-    lora_A: (slots, max_rank, in), lora_B: (slots, out, max_rank), scaling: (slots,), dropout: (slots,).
-    forward(x (batch, ..., in)) -> (batch, ..., out) with each example's slot read from the selection.
-    """
-
-    def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, selection: AdapterSelection):
-        super().__init__()
-        weight = base_layer.weight
-        transposed = not isinstance(base_layer, nn.Linear)  # GPT-2's Conv1D stores (in, out)
-        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
-        self.base_layer = base_layer
-        self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, dtype=weight.dtype, device=weight.device))
-        # Stored as (slots, max_rank, out) in memory and seen as (slots, out, max_rank): the batched matmul
-        # reads B^T contiguously, which decodes faster, while each slot keeps peft's (out, r) layout.
-        self.lora_B = nn.Parameter(
-            torch.zeros(slots, max_rank, self.out_features, dtype=weight.dtype, device=weight.device).transpose(1, 2))
-        self.register_buffer("scaling", torch.zeros(slots, device=weight.device))
-        self.register_buffer("dropout", torch.zeros(slots, device=weight.device))
-        # Rank of each slot's adapter here (0: the adapter leaves this layer alone); a buffer, so it travels
-        # with state_dict like the factors.
-        self.register_buffer("ranks", torch.zeros(slots, dtype=torch.long, device=weight.device))
-        object.__setattr__(self, "selection", selection)  # shared state, not a submodule
-
-    def __getattr__(self, name: str):
-        # Code around the model may read `.weight`, `.nf`, ... from the module it replaced.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = _read_selection(self.selection, "a mixed LoRA layer")
-        single = self.selection.single_id
-        if single is not None and int(self.ranks[single]) == 0:  # "no adapter", or one that leaves this layer alone
-            return self.base_layer(x)
-        if single is not None and self._merging_pays(x):
-            # One adapter for every row, no autograd, many rows: W + s B A costs less than the low-rank side path.
-            weight = torch.addmm(self.base_layer.weight, self.lora_B[single], self.lora_A[single], alpha=float(self.scaling[single]))
-            return F.linear(x, weight, self.base_layer.bias)
-        if single is None and torch.is_grad_enabled():
-            fused = self._fused_runs(x, ids)
-            if fused is not None:
-                return fused
-        base_output = self.base_layer(x)
-        dropout = self.dropout if self.training else None
-        return gathered_lora_update(x, self.lora_A, self.lora_B, self.scaling, ids, base_output, dropout, single,
-                                    self.selection.layouts)
-
-    def _fused_runs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """The layer's whole output from `_LoraRuns` (training on rows in a few runs of one adapter each), or
-        None where that path does not apply: rows repeated by generate, dropout in a slot of the batch, a
-        cast, hooks or autocast, a base layer that is not a plain Linear / Conv1D (quantized, say)."""
-        layer = self.base_layer
-        if (ids.shape[0] != x.shape[0] or type(layer) not in linear_types() or x.dtype != self.lora_A.dtype
-                or layer.weight.dtype != x.dtype or layer._forward_hooks or layer._forward_pre_hooks
-                or "forward" in layer.__dict__ or torch.is_autocast_enabled(x.device.type)):
-            return None
-        runs = _contiguous_runs(ids, self.selection.layouts)
-        if runs is None or (self.training and any(float(self.dropout[slot]) > 0 for slot, _, _ in runs)):
-            return None
-        weight_rows = layer.weight if isinstance(layer, nn.Linear) else layer.weight.T  # Conv1D stores (in, out)
-        output = _LoraRuns.apply(x, weight_rows, layer.bias, None, self.lora_A, self.lora_B, self.scaling, runs)
-        return output.view(*x.shape[:-1], self.out_features)
-
-    def _merging_pays(self, x: torch.Tensor) -> bool:
-        if type(self.base_layer) is not nn.Linear or x.dtype != self.lora_A.dtype or torch.is_grad_enabled() or self.training:
-            return False
-        rows = x.numel() // self.in_features
-        return rows * (self.in_features + self.out_features) >= self.in_features * self.out_features
-
-    def extra_repr(self) -> str:
-        slots, rank, _ = self.lora_A.shape
-        return f"in={self.in_features}, out={self.out_features}, slots={slots}, max_rank={rank}"
 
 
 class MixedClassifierHead(nn.Module):
@@ -402,7 +84,7 @@ class MixedClassifierHead(nn.Module):
         self.num_labels[slot] = labels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = _read_selection(self.selection, "the mixed classification head")
+        ids = read_selection(self.selection, "the mixed classification head")
         batch = x.shape[0]
         if ids.shape[0] != batch:
             if batch % ids.shape[0]:
@@ -566,7 +248,7 @@ class MixedLoraModel(nn.Module):
         """Slot ids (batch,) for one adapter name per example; BASE_ADAPTER -> 0."""
         if isinstance(names, str):
             raise PeftkitError("adapter_names must be a list with one adapter name per example, not a string")
-        return torch.tensor([self.slot(n) for n in names], dtype=torch.long, device=self._device())
+        return torch.tensor([self.slot(n) for n in names], dtype=torch.long, device=self.device)
 
     def num_labels(self, name: str) -> int | None:
         """Number of labels of the adapter's head; None without a stacked head."""
@@ -645,11 +327,9 @@ class MixedLoraModel(nn.Module):
         head = self._check_head_tensors(others, config, folder)
         scalings = {}
         for path, (a, _) in pairs.items():
-            rank = _pattern_value(path, config.rank_pattern, config.r)
+            rank, scalings[path] = module_rank_and_scaling(config, path)
             if rank != a.shape[0]:
                 raise PeftkitError(f"{folder}: module {path} holds rank {a.shape[0]} but the config says r={rank}")
-            alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha)
-            scalings[path] = lora_scaling(alpha, rank, config.use_rslora)
         with torch.no_grad():
             for path, layer in self.layers.items():
                 if path in pairs:
@@ -675,10 +355,10 @@ class MixedLoraModel(nn.Module):
         slot = self._free_slot(name)
         if not isinstance(config, LoraConfig):
             raise PeftkitError(f"MixedLoraModel holds LoRA adapters only; got a {type(config).__name__}")
-        _refuse_lora_variants(config, f"adapter {name!r}")
+        check_plain_lora(config, f"adapter {name!r}")
         paths = self._select_layers(config)
-        ranks = {p: _pattern_value(p, config.rank_pattern, config.r) for p in paths}
-        too_big = {p: r for p, r in ranks.items() if r > self.max_rank}
+        ranks = {p: module_rank_and_scaling(config, p) for p in paths}  # path -> (rank, scaling)
+        too_big = {p: r for p, (r, _) in ranks.items() if r > self.max_rank}
         if too_big:
             path, rank = next(iter(too_big.items()))
             raise PeftkitError(f"rank {rank} at {path} > max_rank {self.max_rank} of this MixedLoraModel; use r <= {self.max_rank}")
@@ -692,17 +372,11 @@ class MixedLoraModel(nn.Module):
                 if path not in paths:
                     self._clear_layer_slot(layer, slot)
                     continue
-                rank = ranks[path]
+                rank, scaling = ranks[path]
                 a = torch.empty(rank, layer.in_features, dtype=torch.float32)
-                if config.init_lora_weights == "gaussian":
-                    nn.init.normal_(a, std=1 / rank)
-                else:
-                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                b = torch.zeros(layer.out_features, rank)
-                if config.init_lora_weights is False:  # a model that changes at once (for tests)
-                    nn.init.normal_(b, std=0.02)
-                alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha)
-                self._fill_layer_slot(layer, slot, a, b, lora_scaling(alpha, rank, config.use_rslora), config.lora_dropout)
+                b = torch.empty(layer.out_features, rank)
+                init_lora_factors(a, b, config.init_lora_weights)
+                self._fill_layer_slot(layer, slot, a, b, scaling, config.lora_dropout)
             if self.head is not None:
                 if num_labels is None:
                     self.head.reset_slot(slot)
@@ -779,7 +453,7 @@ class MixedLoraModel(nn.Module):
         return _Selecting(self.selection, ids)
 
     def _check_ids(self, adapter_ids) -> torch.Tensor:
-        ids = torch.as_tensor(adapter_ids, device=self._device())
+        ids = torch.as_tensor(adapter_ids, device=self.device)
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise PeftkitError(f"adapter_ids must be a 1-D integer tensor (batch,), got {tuple(ids.shape)} {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.capacity):
@@ -857,7 +531,9 @@ class MixedLoraModel(nn.Module):
         self.head.bias[slot, :labels] = bias.to(self.head.bias)
         self.head.num_labels[slot] = labels
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where the base model's weights are (CPU for a model without parameters)."""
         for parameter in self.base_model.parameters():
             return parameter.device
         return torch.device("cpu")
@@ -884,28 +560,13 @@ class _Selecting:
         return False
 
 
-def _refuse_lora_variants(config: LoraConfig, source: str) -> None:
-    if config.use_dora:
-        raise PeftkitError(f"{source} is a DoRA adapter (use_dora=True); mixed batches hold plain LoRA only. "
-                           "Run it with PeftModel, or merge_and_unload it into its own base model")
-    if config.init_lora_weights == "pissa":
-        raise PeftkitError(f"{source} uses PiSSA (init_lora_weights='pissa'), which changes the base weights; "
-                           "save it with peftkit (which writes the equivalent plain LoRA) and load that")
-    if config.bias != "none":
-        raise PeftkitError(f"{source} trains biases (bias={config.bias!r}), which change the shared base; mixed "
-                           "batches hold LoRA factors only: run it with PeftModel")
-    if config.fan_in_fan_out:
-        raise PeftkitError(f"{source} sets fan_in_fan_out=True; mixed batches read the layout from the layer itself: "
-                           "save the adapter with fan_in_fan_out=False")
-
-
 def _read_lora_folder(folder, read_tensors: bool = True) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     folder = os.fspath(folder)
     config = load_config(folder)
     if not isinstance(config, LoraConfig):
         raise PeftkitError(f"{folder} holds a {config.peft_type} adapter; mixed batches hold LoRA adapters only: "
                            "run it with PeftModel.load_adapter")
-    _refuse_lora_variants(config, folder)
+    check_plain_lora(config, folder)
     tensors = io.read_tensors(os.path.join(folder, io.WEIGHTS_NAME)) if read_tensors else {}
     return config, tensors
 
@@ -916,154 +577,3 @@ def _has_module(model: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-# -- PeftModel(..., adapter_names=[...]) ----------------------------------------------------------------
-
-# The block below installs hooks on the shared modules, so two threads inside it at once would mix their
-# batches' adapters; calls with adapter_names therefore take turns (threads of one process, any model).
-_ADAPTER_NAMES_LOCK = threading.RLock()
-
-
-@contextmanager
-def running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[None]:
-    """Inside this block, each example of a PeftModel's batch runs with its own named LoRA adapter.
-
-    adapter_names: one adapter name per example, BASE_ADAPTER for none (Hugging Face peft's keyword).
-    Every adapted module computes its base output and adds the example's LoRA update with
-    `gathered_lora_update` over the named adapters' factors stacked (zero-padded to the largest rank);
-    a `modules_to_save` copy (a classification head) replaces the rows of its own adapter's examples.
-    Without gradients the stacks are kept and reused while the adapters' weights are unchanged.
-    Only plain LoRA on Linear / GPT-2 Conv1D (plus modules_to_save) can be mixed, as in peft.
-    Calls from several threads take turns (a lock); a plain forward of the same model from another
-    thread while one runs is not safe, as for any module whose state is changing.
-    """
-    with _ADAPTER_NAMES_LOCK:
-        yield from _running_adapter_names(peft_model, adapter_names)
-
-
-def _running_adapter_names(peft_model, adapter_names: Sequence[str]) -> Iterator[None]:
-    names = _checked_names(peft_model, adapter_names)
-    used = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
-    example_slots = torch.tensor([0 if n == BASE_ADAPTER else 1 + used.index(n) for n in names], dtype=torch.long)
-    modules = list(adapted_modules(peft_model.base_model))
-    hooks, disabled = [], []
-    layouts: dict = {}  # rows arranged by slot, shared by every layer of this call
-    try:
-        for path, module in modules:
-            running = _module_runner(peft_model, path, module, used, example_slots, layouts)
-            disabled.append((module, module.disabled))
-            module.disabled = True  # the base layer alone; the hook adds each example's adapter
-            if running is not None:
-                hooks.append(module.register_forward_hook(running, with_kwargs=True))
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, was_disabled in disabled:
-            module.disabled = was_disabled
-
-
-def _checked_names(peft_model, adapter_names) -> list[str]:
-    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-        raise PeftkitError("adapter_names must be a list with one adapter name (str) per example, "
-                           f"{BASE_ADAPTER!r} for the base model")
-    names = list(adapter_names)
-    if not names:
-        raise PeftkitError("adapter_names is empty; give one adapter name per example")
-    if getattr(peft_model, "_disabled", False):
-        raise PeftkitError("adapter_names cannot be used inside disable_adapter(); use the name "
-                           f"{BASE_ADAPTER!r} for examples that should run without an adapter")
-    for name in dict.fromkeys(names):
-        if name == BASE_ADAPTER:
-            continue
-        if name not in peft_model.peft_config:
-            known = ", ".join(peft_model.peft_config) or "none"
-            raise PeftkitError(f"no adapter named {name!r}; adapters on this model: {known} (and {BASE_ADAPTER!r})")
-        config = peft_model.peft_config[name]
-        if not isinstance(config, LoraConfig):
-            raise PeftkitError(f"adapter {name!r} is {config.peft_type}; adapter_names mixes LoRA adapters only. "
-                               "Run it with set_adapter in a batch of its own")
-        try:
-            _refuse_lora_variants(config, f"adapter {name!r}")
-        except PeftkitError as error:
-            raise PeftkitError(f"{error} (or run it with set_adapter in a batch of its own)") from None
-        if name in peft_model.model_adapters:
-            raise PeftkitError(f"adapter {name!r} holds model-level state; adapter_names mixes plain LoRA adapters only")
-    for _, module in adapted_modules(peft_model.base_model):
-        if module.merged_adapters:
-            raise PeftkitError(f"adapters {module.merged_adapters} are merged into the base weights; unmerge_adapter() "
-                               "before running a batch with adapter_names")
-    return names
-
-
-def _module_runner(peft_model, path: str, module: AdaptedModule, used: list[str], example_slots: torch.Tensor,
-                   layouts: dict):
-    """The forward hook that adds each example's adapter to this module's base output, or None."""
-    present = [n for n in used if n in module.adapters]
-    if not present:
-        return None
-    for name in present:
-        delta = module.adapters[name]
-        plain = type(delta) is LoraLinearDelta and not delta.pissa and delta.delta_bias is None
-        if not plain and not isinstance(delta, ReplacementDelta):
-            raise PeftkitError(f"adapter {name!r} on {path} is a {type(delta).__name__}; adapter_names mixes LoRA on "
-                               "Linear / GPT-2 Conv1D layers (and modules_to_save) only. Run it with set_adapter in a "
-                               "batch of its own")
-    lora_names = [n for n in present if isinstance(module.adapters[n], LoraLinearDelta)]
-    replacements = {1 + used.index(n): module.adapters[n] for n in present if isinstance(module.adapters[n], ReplacementDelta)}
-    stacks = _stacked_factors(peft_model, path, module, used, lora_names) if lora_names else None
-
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()))
-        ids = example_slots.to(x.device)
-        if stacks is not None:
-            lora_A, lora_B, scaling, dropout, local = stacks
-            output = gathered_lora_update(x, lora_A, lora_B, scaling, local.to(x.device)[ids], output,
-                                          dropout if module.training else None, layouts=layouts)
-        if replacements:
-            if len(args) + len(kwargs) != 1:
-                raise PeftkitError(f"modules_to_save module {path} takes several inputs; it cannot be mixed per example")
-            rows = ids.repeat_interleave(x.shape[0] // ids.shape[0]) if x.shape[0] != ids.shape[0] else ids
-            for slot, delta in replacements.items():
-                chosen = (rows == slot).nonzero().flatten()
-                if chosen.numel():
-                    output = output.index_put((chosen,), delta(x[chosen]).to(output.dtype))
-        return output
-
-    return hook
-
-
-def _stacked_factors(peft_model, path: str, module: AdaptedModule, used: list[str], lora_names: list[str]):
-    """(lora_A (n, R, in), lora_B (n, out, R), scaling (n,), dropout (n,), local (len(used) + 1,)) for one module:
-    slot 0 is zeros; `local` maps an example's slot (0 = base, 1 + index in `used`) to a row of the stack."""
-    if torch.is_grad_enabled() and any(module.adapters[n].lora_A.requires_grad for n in lora_names):
-        stacked = _stack([module.adapters[n] for n in lora_names])  # differentiable, only the named ones
-        order = lora_names
-    else:
-        # Without gradients: a stack of all this module's plain LoRA adapters, kept while their weights stay.
-        order = [n for n, d in module.adapters.items() if type(d) is LoraLinearDelta and not d.pissa and d.delta_bias is None]
-        deltas = [module.adapters[n] for n in order]
-        key = tuple((n, id(d.lora_A), id(d.lora_B), d.lora_A._version, d.lora_B._version, d.scaling,
-                     d.dropout.p if isinstance(d.dropout, nn.Dropout) else 0.0) for n, d in zip(order, deltas))
-        cache = peft_model.__dict__.setdefault("_mixed_stacks", {})
-        if path not in cache or cache[path][0] != key:
-            with torch.no_grad():
-                cache[path] = (key, _stack(deltas))
-        stacked = cache[path][1]
-    local = torch.zeros(len(used) + 1, dtype=torch.long)
-    for name in lora_names:
-        local[1 + used.index(name)] = 1 + order.index(name)
-    return (*stacked, local)
-
-
-def _stack(deltas: list[LoraLinearDelta]):
-    rank = max(d.lora_A.shape[0] for d in deltas)
-    first = deltas[0].lora_A
-    zeros_A = first.new_zeros(1, rank, first.shape[1])
-    zeros_B = first.new_zeros(1, deltas[0].lora_B.shape[0], rank)
-    lora_A = torch.cat([zeros_A, *(F.pad(d.lora_A, (0, 0, 0, rank - d.lora_A.shape[0])).unsqueeze(0) for d in deltas)])
-    lora_B = torch.cat([zeros_B, *(F.pad(d.lora_B, (0, rank - d.lora_B.shape[1])).unsqueeze(0) for d in deltas)])
-    scaling = torch.tensor([0.0, *(d.scaling for d in deltas)], device=first.device)
-    dropout = torch.tensor([0.0, *(d.dropout.p if isinstance(d.dropout, nn.Dropout) else 0.0 for d in deltas)], device=first.device)
-    return lora_A, lora_B, scaling, dropout

@@ -33,7 +33,7 @@ from peftkit.methods.base import (
     iter_base_modules,
     remove_wrapper,
 )
-from peftkit.mixed import running_adapter_names
+from peftkit.methods.lora.adapter_names import running_adapter_names
 from peftkit.registry import method_for
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, describe_module_names, name_matches
 

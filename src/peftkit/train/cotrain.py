@@ -502,7 +502,7 @@ class _Cotrainer:
         self.mixed, self.tasks, self.args, self.collate = mixed, tasks, args, collate
         self.output_dir, self.run_info = output_dir, run_info
         self.names = [t.name for t in tasks]
-        self.device = mixed._device()
+        self.device = mixed.device
         self.params = mixed.slot_parameters()
         self.optimizer = SlotAdamW(self.params, weight_decay=args.weight_decay)
         self.states = {t.name: _TaskState() for t in tasks}
