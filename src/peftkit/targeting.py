@@ -153,3 +153,16 @@ def find_layer_blocks(model: nn.Module) -> list[str]:
             "name the modules to train instead"
         )
     return best
+
+
+def other_bias_modules(model: nn.Module, targets: Sequence[str], skip: Sequence[str]) -> list[str]:
+    """The modules with a bias parameter outside `targets` and `skip` (LayerNorms included): what a method's
+    `bias="all"` trains besides its own layers, as in peft."""
+    covered = set(targets)
+    found = []
+    for name, module in iter_base_modules(model):
+        if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
+            found.append(name)
+    return found

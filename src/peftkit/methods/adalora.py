@@ -42,10 +42,9 @@ from peftkit.methods.base import (
     ModelAdapter,
     attach_delta,
     check_shape,
-    iter_base_modules,
     shadow_parameter,
 )
-from peftkit.targeting import find_targets, linear_types, name_matches
+from peftkit.targeting import find_targets, linear_types, other_bias_modules
 
 # peft divides the update by (ranknum + this), so the same constant keeps outputs identical.
 RANK_EPSILON = 1e-5
@@ -524,13 +523,8 @@ def add_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str, skip
         deltas.append((name, attach_delta(model, name, adapter_name, make)))
 
     if config.bias == "all":
-        # Every other bias of the model trains too, as in peft (LayerNorm biases included).
-        covered = set(targets)
-        for name, module in list(iter_base_modules(model)):
-            if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
-                continue
-            if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
-                attach_delta(model, name, adapter_name, BiasDelta)
+        for name in other_bias_modules(model, targets, skip):
+            attach_delta(model, name, adapter_name, BiasDelta)
     return Attached(targets, RankAllocator(config, deltas), config=config)
 
 

@@ -40,7 +40,7 @@ from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import lycoris
 from peftkit.methods.base import AdapterDelta, BiasDelta, attach_delta, iter_base_modules, shadow_parameter
-from peftkit.targeting import find_targets, name_matches
+from peftkit.targeting import find_targets, other_bias_modules
 
 
 @register_config
@@ -319,13 +319,8 @@ def add_adapter(model: nn.Module, config: OFTConfig, adapter_name: str, skip: li
     for name in targets:
         attach_delta(model, name, adapter_name, lambda base_layer, name=name: OftDelta(base_layer, config, name))
     if config.bias == "all":
-        # Every other bias of the model trains too, as in peft (LayerNorm biases included).
-        covered = set(targets)
-        for name, module in list(iter_base_modules(model)):
-            if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
-                continue
-            if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
-                attach_delta(model, name, adapter_name, BiasDelta)
+        for name in other_bias_modules(model, targets, skip):
+            attach_delta(model, name, adapter_name, BiasDelta)
     return targets
 
 

@@ -35,7 +35,7 @@ from peftkit.methods.base import (
     iter_base_modules,
     shadow_parameter,
 )
-from peftkit.targeting import find_targets, linear_types, name_matches
+from peftkit.targeting import find_targets, linear_types, other_bias_modules
 
 
 @register_config
@@ -243,13 +243,8 @@ def add_adapter(model: nn.Module, config: VeraConfig, adapter_name: str, skip: l
         attach_delta(model, name, adapter_name, lambda base_layer: VeraDelta(base_layer, projections, config))
 
     if config.bias == "all":
-        # Every other bias of the model trains too, as in peft (LayerNorm biases included).
-        covered = set(targets)
-        for name, module in list(iter_base_modules(model)):
-            if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
-                continue
-            if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
-                attach_delta(model, name, adapter_name, BiasDelta)
+        for name in other_bias_modules(model, targets, skip):
+            attach_delta(model, name, adapter_name, BiasDelta)
     return Attached(targets=targets, model_adapter=projections)
 
 # How `peftkit train` trains it: shared projections of rank 256 on every linear layer; it trains ~out+r

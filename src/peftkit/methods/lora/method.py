@@ -13,7 +13,7 @@ from peftkit.methods.base import BiasDelta, attach_delta, iter_base_modules
 from peftkit.methods.lora.config import LoraConfig, module_rank_and_scaling
 from peftkit.methods.lora.dora import DoraConv2dDelta, DoraLinearDelta
 from peftkit.methods.lora.layer import LoraConv2dDelta, LoraEmbeddingDelta, LoraLinearDelta
-from peftkit.targeting import find_targets, linear_types, name_matches
+from peftkit.targeting import find_targets, linear_types, other_bias_modules
 
 
 def _delta_class(base_layer: nn.Module, use_dora: bool = False):
@@ -64,13 +64,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, skip: l
         attach_delta(model, name, adapter_name, make)
 
     if config.bias == "all":
-        # Every other bias of the model trains too, as in peft (LayerNorm biases included).
-        covered = set(targets)
-        for name, module in list(iter_base_modules(model)):
-            if not name or name in covered or any(name_matches(name, [s]) or name.startswith(s + ".") for s in skip):
-                continue
-            if isinstance(module.__dict__.get("_parameters", {}).get("bias"), nn.Parameter):
-                attach_delta(model, name, adapter_name, BiasDelta)
+        for name in other_bias_modules(model, targets, skip):
+            attach_delta(model, name, adapter_name, BiasDelta)
     return targets
 
 
