@@ -14,6 +14,7 @@ otherwise the best approximation of that rank; the relative error per layer is r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -206,8 +207,6 @@ def save_lora_conversion(conversion: LoraConversion, folder: str | os.PathLike, 
 # -- whole run folders (what `peftkit merge` and `peftkit export` do) ---------------------------------
 def is_causal_run(folder: str | os.PathLike) -> bool:
     """A run of the instruction-tuning job, or a peft adapter made for a causal LM."""
-    import json
-
     from peftkit.train.job import read_run_info
 
     if read_run_info(folder).get("kind") == "causal":

@@ -12,7 +12,6 @@ from peftkit.errors import PeftkitError
 EXTRA_OF = {
     "fastapi": "serve",
     "uvicorn": "serve",
-    "pydantic": "serve",
     "datasets": "datasets",
     "peft": "peft",
     "tensorboard": "tensorboard",
