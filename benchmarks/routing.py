@@ -61,15 +61,17 @@ def train_adapters(workdir: Path, steps: int, seed: int) -> dict[str, dict]:
 
 
 def build_adapter_dir(workdir: Path, density: float) -> Path:
-    """served/: the four adapters (links to their folders) and merged-TASK (the TIES merge with TASK's head)."""
+    """served/: the four adapters (copies: the server refuses links out of its folder) and merged-TASK (the TIES
+    merge with TASK's head)."""
+    import shutil
+
     from peftkit.merging import combine_adapters, save_combined
 
     served = workdir / "served"
     served.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
-        link = served / task
-        if not link.exists():
-            link.symlink_to((workdir / "runs" / task / "adapter").resolve(), target_is_directory=True)
+        if not (served / task).exists():
+            shutil.copytree(workdir / "runs" / task / "adapter", served / task)
     if not all((served / f"merged-{task}").is_dir() for task in TASKS):
         combined = combine_adapters([workdir / "runs" / task / "adapter" for task in TASKS], method="ties", density=density)
         print(f"TIES merge (density {density}): SVD relative error {combined.overall_relative_error:.2e}", file=sys.stderr)
@@ -172,7 +174,7 @@ def markdown(rows: dict, args, jobs: dict, count: int, load: str) -> str:
         total, per = row["total"], row["per_task"]
         routing = f"{100 * total['routing_accuracy']:.1f}%" if "routing_accuracy" in total else "-"
         same = f"{100 * total['routing_accuracy_same_source']:.1f}%" if "routing_accuracy" in total else "-"
-        label = labels.get(name, f"auto, {name.split('-', 1)[1]} router")
+        label = labels[name] if name in labels else f"auto, {name.split('-', 1)[1]} router"
         lines.append(f"| {label} | {routing} | {same} | {100 * total['accuracy']:.1f}% | {100 * total['macro_accuracy']:.1f}% | "
                      + " | ".join(f"{100 * per[t]['accuracy']:.1f}%" for t in TASKS) + f" | {row['texts_per_s']:.0f} |")
     routed = [n for n in rows if n.startswith("routed-")]
