@@ -79,8 +79,8 @@ def add_parsers(commands) -> None:
     loop.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 128; 256 for chat tasks, "
                       "longer conversations are cut and counted)")
     loop.add_argument("--packing", action="store_true", help="chat tasks: pack conversations into blocks of --max-length")
-    loop.add_argument("--image-size", type=int, default=None, help="image models: input size in pixels (default: the "
-                      "model's, 224 for efficientnet-lite0); smaller is faster")
+    loop.add_argument("--image-size", type=int, default=None, help="image models: input size in pixels (default: 64 "
+                      "for mnist-5k, else the model's own, 224 for efficientnet-lite0); smaller is faster")
     loop.add_argument("--augment", default=None, help="image models: training-time augmentation, comma-separated: "
                       "crop (a random crop position), flip (random left-right flip); default none")
     loop.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")

@@ -128,6 +128,8 @@ class EfficientNetLiteForImageClassification(PreTrainedModel):
     # nearly all of its weights. The depthwise convs are grouped (one filter per channel), which
     # low-rank methods do not adapt; the classifier is new and trains whole.
     default_target_modules = ["expand_conv", "project_conv", "head_conv"]
+    # LoRA's default rank here (alpha 2r): r=4 on those convs trains 2.9% of Lite0 with a 10-class head (r=8: 5.5%).
+    default_lora_r = 4
     # (IA)3 on it: the expand and head convs' outputs are scaled, and the project conv's input (the
     # expanded activation, as IA3 scales a transformer's feed-forward activation).
     default_feedforward_modules = ["project_conv"]

@@ -59,8 +59,9 @@ def replace_head(model, num_labels: int, id2label=None, seed: int | None = None)
         if seed is not None:
             torch.manual_seed(seed)
         head = nn.Linear(old.in_features, num_labels)
-        bound = 1.0 / num_labels ** 0.5
-        nn.init.uniform_(head.weight, -bound, bound)
+        # Small, as transformers' classification heads (std 0.02): the first logits are near zero, so the loss
+        # starts near log(num_labels) instead of several times it (the pooled ReLU6 features are large).
+        nn.init.normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
     model.classifier = head
     names = label_maps(num_labels, id2label) or {i: str(i) for i in range(num_labels)}
