@@ -287,6 +287,8 @@ def test_job_trains_evaluates_predicts_merges_and_exports(cnn_folder, image_task
     images = [str(image_task / "validation" / "dog" / "0.png"), str(image_task / "validation" / "cat" / "1.png")]
     probabilities = predict_images(model, preprocessor, images)
     assert probabilities.shape == (2, 2)
+    arrays = [np.asarray(read_image(path)) for path in images]  # in-memory uint8 pixels, as mnist-5k holds them
+    torch.testing.assert_close(predict_images(model, preprocessor, arrays), probabilities)
 
     merged = tmp_path / "merged"
     merge_to_folder(adapter, merged)

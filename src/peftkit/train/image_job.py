@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from peftkit import io
@@ -166,7 +167,8 @@ def predict_images(model, preprocessor: ImagePreprocessor, images: list, batch_s
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        pixels = torch.stack([preprocessor.pixels(image if hasattr(image, "resize") else load_image(image)) for image in chunk])
+        pixels = torch.stack([preprocessor.pixels(load_image(image) if isinstance(image, (str, os.PathLike, np.ndarray)) else image)
+                              for image in chunk])
         outputs.append(model(pixel_values=pixels).logits.float().softmax(-1))
     return torch.cat(outputs)
 
