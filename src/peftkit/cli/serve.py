@@ -26,6 +26,8 @@ def add_parsers(commands) -> None:
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
     parser.add_argument("--adapters", required=True, help="folder with one subfolder per adapter")
+    parser.add_argument("--image-root", default=None, help="image models: the folder whose files /v1/classify may name by "
+                        "path (relative to it; paths that leave it are refused); without it, images come as base64 only")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     batching = parser.add_argument_group("batching")
@@ -84,6 +86,12 @@ def _serve(args) -> int:
         if args.threads < 1:
             raise PeftkitError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from peftkit import zoo
+
+    if zoo.model_kind(args.model) == "image":
+        return _serve_images(args, settings)
+    if args.image_root is not None:
+        raise PeftkitError("--image-root applies to image models (e.g. --model efficientnet-lite0)")
     server = load_server(args.model, args.adapters, settings)
     plan = server.plan
     print(f"peftkit serve: {server.model_name} ({server.kind}), {len(plan.servable)} adapters in {server.directory.root}, "
@@ -93,5 +101,17 @@ def _serve(args) -> int:
           file=sys.stderr, flush=True)
     for name, problem in plan.problems.items():
         print(f"peftkit serve: not serving {name!r}: {problem}", file=sys.stderr, flush=True)
+    run(server, host=args.host, port=args.port, access_log=not args.no_access_log)
+    return 0
+
+
+def _serve_images(args, settings) -> int:
+    from peftkit.serve.image_app import run
+    from peftkit.serve.images import load_image_server
+
+    server = load_image_server(args.model, args.adapters, settings, image_root=args.image_root)
+    print(f"peftkit serve: {server.model_name} (image), {len(server.directory.names())} adapters in {server.directory.root}, "
+          f"image paths {'under ' + str(server.image_root) if server.image_root else 'refused (base64 only)'}",
+          file=sys.stderr, flush=True)
     run(server, host=args.host, port=args.port, access_log=not args.no_access_log)
     return 0
