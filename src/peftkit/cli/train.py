@@ -37,11 +37,17 @@ def add_parsers(commands) -> None:
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<model>-<task>-<method>)")
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--image-column", default="image", help="image tasks: the column of image paths in .csv/.jsonl files")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--quantize", default=None, choices=["nf4", "int8"], help="store the frozen base's linear weights "
                         "as 4-bit NF4 (QLoRA-style, double-quantized scales) or int8, dequantized on the fly")
 
+    _add_method_options(parser)
+    _add_training_options(parser)
+    _add_image_options(parser)
+    parser.set_defaults(handler=run, command_parser=parser)
+
+
+def _add_method_options(parser) -> None:
     common = parser.add_argument_group(
         "method options", "each applies to the methods whose config has the field; --set reaches any config field")
     common.add_argument("--r", type=int, default=None, help="rank: r of LoRA, DoRA, VeRA, LoHa, LoKr (default 8)")
@@ -59,6 +65,8 @@ def add_parsers(commands) -> None:
                         help="any field of the method's config, e.g. --set num_virtual_tokens=30 or "
                              "--set budget=0.01; VALUE is read as JSON when it parses (numbers, true, [1,2]), else as text")
 
+
+def _add_training_options(parser) -> None:
     loop = parser.add_argument_group("training")
     loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2, bitfit 4; 1 for chat tasks)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
@@ -79,10 +87,6 @@ def add_parsers(commands) -> None:
     loop.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 128; 256 for chat tasks, "
                       "longer conversations are cut and counted)")
     loop.add_argument("--packing", action="store_true", help="chat tasks: pack conversations into blocks of --max-length")
-    loop.add_argument("--image-size", type=int, default=None, help="image models: input size in pixels (default: 64 "
-                      "for mnist-5k, else the model's own, 224 for efficientnet-lite0); smaller is faster")
-    loop.add_argument("--augment", default=None, help="image models: training-time augmentation, comma-separated: "
-                      "crop (a random crop position), flip (random left-right flip); default none")
     loop.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     loop.add_argument("--max-eval-examples", type=int, default=None)
     loop.add_argument("--validation-fraction", type=float, default=None,
@@ -94,7 +98,15 @@ def add_parsers(commands) -> None:
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
     loop.add_argument("--report-to", default="none", help="log loss, learning rate, eval metrics, examples/s and memory "
                       "to tensorboard, mlflow or wandb (several: tensorboard,mlflow), under --output-dir; see docs/tracking.md")
-    parser.set_defaults(handler=run, command_parser=parser)
+
+
+def _add_image_options(parser) -> None:
+    images = parser.add_argument_group("image models (efficientnet-lite0, Hugging Face image classifiers)")
+    images.add_argument("--image-column", default="image", help="the column of image paths in .csv/.jsonl task files")
+    images.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: 64 for mnist-5k, "
+                        "else the model's own, 224 for efficientnet-lite0); smaller is faster")
+    images.add_argument("--augment", default=None, help="training-time augmentation, comma-separated: crop (a random crop "
+                        "position), flip (random left-right flip); default none")
 
 
 # flag -> the config fields it may set, first match wins (method configs name the same idea differently).
