@@ -201,7 +201,7 @@ def measure_row(model_name: str, setting: str, args, workdir: Path) -> dict:
                    f"available less a {RESERVE_BYTES / 2**30:.0f} GiB reserve")
         return row
     big = estimate.total_parameters > 1e9
-    warmup, steps = (1, 3) if big else (args.warmup, args.steps)
+    warmup, steps = (min(1, args.warmup), min(3, args.steps)) if big else (args.warmup, args.steps)
     log = workdir / f"{model_name}-{setting}.log"
     row["load_average_before"] = load_average()
     result, peak_mib, code = run_child(["--child", model_name, setting, "--batch-size", str(args.batch_size), "--length",
@@ -331,6 +331,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--runtime", action="store_true", help="measure the runtime constant")
     parser.add_argument("--loading", default=None, help="measure low-memory loading of this model (NF4 and int8)")
+    parser.add_argument("--loading-formats", default="nf4,int8")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-loading", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-runtime", action="store_true", help=argparse.SUPPRESS)
@@ -355,7 +356,7 @@ def main(argv=None) -> int:
         print(f"runtime: peak RSS of a training child with a negligible model: {peak_mib:,.0f} MiB (exit {code})")
         return code
     if args.loading:
-        for quantize in ("nf4", "int8"):
+        for quantize in args.loading_formats.split(","):
             result, peak_mib, code = run_child(["--child-loading", args.loading, quantize], workdir / f"loading-{quantize}.log")
             if result is None:
                 print(f"{args.loading} {quantize}: failed (exit {code})")
@@ -375,6 +376,8 @@ def main(argv=None) -> int:
         for setting in args.settings.split(","):
             row = measure_row(model_name, setting, args, workdir)
             rows.append(row)
+            with open(workdir / "rows.jsonl", "a") as partial:  # what finished survives an interrupted run
+                partial.write(json.dumps(row) + "\n")
             shown = {k: row.get(k) for k in ("model", "setting", "status", "reason", "peak_rss_bytes", "estimate_bytes",
                                              "ratio", "step_time_s", "energy_j_per_step", "dequantize_s_per_step")}
             print(json.dumps(shown), flush=True)

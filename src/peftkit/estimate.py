@@ -39,7 +39,7 @@ from peftkit.errors import PeftkitError
 
 # RSS of a training process before the model: Python, torch, transformers, accelerate, peftkit, a tokenizer
 # and the data. Measured with benchmarks/scaling.py (`--runtime`) on this project's CPU build of torch.
-RUNTIME_BYTES = 520 * 2**20
+RUNTIME_BYTES = 452 * 2**20
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the trainable parameters
 AVAILABLE_MEMORY_VARIABLE = "PEFTKIT_AVAILABLE_MEMORY"
 # Dequantizing a weight of n values on the CPU holds the index tensor (int64, n / 2 for NF4), the looked-up

@@ -102,8 +102,8 @@ def _blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 # Values quantized at once: a large weight is quantized in slices of whole blocks, so the float32 and index
-# copies that quantizing makes stay small (about 17 bytes per value) whatever the layer's size.
-QUANTIZE_SLICE_VALUES = 2**22
+# copies that quantizing makes stay small (about 17 bytes per value of a slice) whatever the layer's size.
+QUANTIZE_SLICE_VALUES = 2**20
 
 
 def quantize_blockwise(weight: torch.Tensor, scheme: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
