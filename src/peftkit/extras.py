@@ -19,6 +19,7 @@ EXTRA_OF = {
     "wandb": "wandb",
     "trl": "trl",
     "PIL": "vision",
+    "codecarbon": "energy",
 }
 
 

@@ -101,6 +101,11 @@ def _blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
+# Values quantized at once: a large weight is quantized in slices of whole blocks, so the float32 and index
+# copies that quantizing makes stay small (about 17 bytes per value of a slice) whatever the layer's size.
+QUANTIZE_SLICE_VALUES = 2**20
+
+
 def quantize_blockwise(weight: torch.Tensor, scheme: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax) of `weight` (any shape, n values).
 
@@ -108,6 +113,16 @@ def quantize_blockwise(weight: torch.Tensor, scheme: str, block_size: int) -> tu
     int8: codes int8 (blocks * block_size,). absmax: float32 (blocks,), blocks = ceil(n / block_size).
     """
     check_scheme(scheme, block_size)
+    flat = weight.detach().reshape(-1)
+    step = max(block_size, QUANTIZE_SLICE_VALUES - QUANTIZE_SLICE_VALUES % block_size)
+    if flat.numel() <= step:
+        return _quantize_slice(flat, scheme, block_size)
+    # Every slice but the last holds whole blocks, so the result is the same as quantizing the whole at once.
+    parts = [_quantize_slice(flat[start:start + step], scheme, block_size) for start in range(0, flat.numel(), step)]
+    return torch.cat([codes for codes, _ in parts]), torch.cat([absmax for _, absmax in parts])
+
+
+def _quantize_slice(weight: torch.Tensor, scheme: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(weight, block_size)
     absmax = blocks.abs().amax(dim=1)
     # An all-zero block keeps absmax 0 (it dequantizes to zeros); divide by 1 instead of 0.
@@ -361,26 +376,16 @@ def _head_paths(model: nn.Module, task_type: str | None) -> dict[str, str]:
     return heads
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str = "nf4", block_size: int = 64, double_quant: bool = True,
-                   skip: Iterable[str] = (), task_type: str | None = None) -> QuantizationReport:
-    """Replace the model's nn.Linear layers in place by QuantizedLinear layers.
+def layers_to_quantize(model: nn.Module, skip: Iterable[str] = (), task_type: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(paths of the nn.Linear layers quantize_model replaces, {path: why it stays in float} for the others).
 
-    Left in float, and named in the report: the output layer (LM head) and classification heads
-    ("classifier" / "score" and what they contain), modules whose path equals or ends with a name in
-    `skip` (or lies under one), and layers that are not nn.Linear (GPT-2's Conv1D, embeddings). Call it
-    before adding adapters.
+    Works on a model whose weights are not allocated yet (meta device), so a loader can quantize each
+    layer as it is made (peftkit.loading).
     """
-    from peftkit.methods.base import AdaptedModule
-
-    check_scheme(scheme, block_size)
-    if any(isinstance(m, AdaptedModule) for m in model.modules()):
-        raise PeftkitError("this model already carries adapters; quantize the base model first, then add adapters")
     skip = list(skip)
     heads = _head_paths(model, task_type)
-    quantized, skipped = [], {}
-    float_bytes = quantized_bytes = 0
-    for name, module in list(model.named_modules()):
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
         if not name or isinstance(module, QuantizedLinear):
             continue
         under_head = next((h for h in heads if name == h or name.startswith(h + ".")), None)
@@ -398,8 +403,31 @@ def quantize_model(model: nn.Module, scheme: str = "nf4", block_size: int = 64, 
         if type(module).__name__ == "Conv1D":
             skipped[name] = "GPT-2 Conv1D (only nn.Linear is quantized)"
             continue
-        if not is_linear:
-            continue
+        if is_linear:
+            chosen.append(name)
+    return chosen, skipped
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                   skip: Iterable[str] = (), task_type: str | None = None) -> QuantizationReport:
+    """Replace the model's nn.Linear layers in place by QuantizedLinear layers.
+
+    Left in float, and named in the report: the output layer (LM head) and classification heads
+    ("classifier" / "score" and what they contain), modules whose path equals or ends with a name in
+    `skip` (or lies under one), and layers that are not nn.Linear (GPT-2's Conv1D, embeddings). Call it
+    before adding adapters.
+    """
+    from peftkit.methods.base import AdaptedModule
+
+    check_scheme(scheme, block_size)
+    if any(isinstance(m, AdaptedModule) for m in model.modules()):
+        raise PeftkitError("this model already carries adapters; quantize the base model first, then add adapters")
+    chosen, skipped = layers_to_quantize(model, skip, task_type)
+    quantized = []
+    float_bytes = quantized_bytes = 0
+    for name in chosen:
+        module = model.get_submodule(name)
         layer = QuantizedLinear.from_linear(module, scheme, block_size, double_quant)
         float_bytes += module.weight.numel() * module.weight.element_size()
         quantized_bytes += layer.weight_bytes()

@@ -345,6 +345,7 @@ def run_method(method: str, *, model: str, task: str, run_dir: Path, budget: Bud
         train_time_s=job["train_time_s"], median_step_time_s=metrics.get("median_step_time_s"),
         stopped_by_time_limit=metrics.get("stopped_by_time_limit", False), best_step=metrics.get("best_step"),
         peak_cuda_memory_mb=metrics.get("peak_cuda_memory_mb"), config=saved_config(Path(job["adapter_dir"])),
+        cpu_seconds=metrics.get("cpu_seconds"), energy_kwh=metrics.get("energy_kwh"), energy_note=metrics.get("energy_note"),
     )
     from peftkit.io import write_json
 

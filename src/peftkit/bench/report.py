@@ -32,6 +32,7 @@ SUMMARY_PLOT = "compare.png"  # the four plots in one figure, for a README
 CSV_FIELDS = (
     "method", "status", "reason", "accuracy", "accuracy_metric", "trainable_parameters", "total_parameters",
     "trainable_share", "peak_rss_mib", "median_step_time_s", "steps", "stopped_by_time_limit", "wall_time_s",
+    "cpu_seconds", "energy_kwh", "energy_note",
     "train_time_s", "adapter_bytes", "learning_rate", "seed", "budget", "measured_at", "load_average_before",
     "command", "cpu", "cores", "gpu", "platform", "python", "torch", "transformers", "accelerate", "peftkit",
     "git_commit", "config",
@@ -124,6 +125,8 @@ def _cells(row: dict[str, Any], full_accuracy: float | None = None) -> dict[str,
         "step_time": number("median_step_time_s", lambda v: f"{1000 * v:,.0f} ms"),
         "steps": number("steps", str),
         "wall": number("wall_time_s", lambda v: f"{v:,.0f} s"),
+        "cpu": number("cpu_seconds", lambda v: f"{v:,.0f} s"),
+        "energy": number("energy_kwh", lambda v: f"{1000 * v:,.3g} Wh"),
         "adapter": number("adapter_bytes", human_bytes),
         "lr": number("learning_rate", lambda v: f"{v:g}"),
         "config": describe_config(row.get("config") or {}) if ok else "",
@@ -133,8 +136,10 @@ def _cells(row: dict[str, Any], full_accuracy: float | None = None) -> dict[str,
 _HEADERS = (("method", "method"), ("status", "status"), ("accuracy", "accuracy"), ("vs_full", "vs full FT (points)"),
             ("trainable", "trainable params"),
             ("share", "trainable share"), ("peak_rss", "peak RSS"), ("step_time", "time / step (median)"),
-            ("steps", "steps"), ("wall", "wall time"), ("adapter", "adapter file"), ("lr", "lr"), ("config", "config"))
-_RIGHT_ALIGNED = {"accuracy", "vs_full", "trainable", "share", "peak_rss", "step_time", "steps", "wall", "adapter", "lr"}
+            ("steps", "steps"), ("wall", "wall time"), ("cpu", "CPU time"), ("energy", "energy (estimate)"),
+            ("adapter", "adapter file"), ("lr", "lr"), ("config", "config"))
+_RIGHT_ALIGNED = {"accuracy", "vs_full", "trainable", "share", "peak_rss", "step_time", "steps", "wall", "cpu", "energy",
+                  "adapter", "lr"}
 
 
 def _accuracy_metric(rows: Sequence[dict[str, Any]]) -> str:
@@ -175,8 +180,12 @@ def how_measured(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> li
         "over all parameters of the wrapped model; peak RSS: the resident-set high-water mark of the training process "
         "(the kernel's ru_maxrss; weights, activations, optimizer state and the Python process itself, not GPU memory); "
         "time / step: median over the run's optimizer steps (forward, backward, optimizer; evaluation excluded); "
-        "wall time: the whole process; adapter file: the saved .safetensors (for full fine-tuning, the whole model).",
+        "wall time: the whole process; CPU time: CPU-seconds of the training process (all threads) from its first "
+        "step to its end; adapter file: the saved .safetensors (for full fine-tuning, the whole model).",
     ]
+    notes = sorted({row["energy_note"] for row in rows if row.get("energy_note")})
+    lines.append(f"energy: {'; '.join(notes)}." if notes else
+                 'energy: not measured (codecarbon is not installed: pip install "peftkit[energy]").')
     for context, methods in _contexts(rows):
         which = "" if len(_contexts(rows)) == 1 else f" ({', '.join(methods)})"
         lines.append(f"Measured on{which}: {describe_context(context)}.")

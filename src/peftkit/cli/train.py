@@ -96,6 +96,8 @@ def _add_training_options(parser) -> None:
     loop.add_argument("--patience", type=int, default=None, help="co-training (several tasks): a task stops after N evaluations without gain")
     loop.add_argument("--evals-per-epoch", type=int, default=None, help="co-training (several tasks): evaluations per epoch (default 1)")
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_argument("--skip-memory-check", action="store_true", help="start even when `peftkit estimate` predicts "
+                      "that the run needs more memory than is available (set PEFTKIT_AVAILABLE_MEMORY to change that figure)")
     loop.add_argument("--report-to", default="none", help="log loss, learning rate, eval metrics, examples/s and memory "
                       "to tensorboard, mlflow or wandb (several: tensorboard,mlflow), under --output-dir; see docs/tracking.md")
 
@@ -199,6 +201,9 @@ def run(args) -> int:
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
+    if not args.skip_memory_check:
+        check_memory(args, config, options, max_length=args.max_length or (256 if causal else 128),
+                     batch_size=training["batch_size"])
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one report
     if main_process:
         print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
@@ -261,6 +266,30 @@ def _train_image(args, config, options, training, output_dir, main_process: bool
         **({} if args.validation_fraction is None else {"validation_fraction": args.validation_fraction}),
     )
     return _report(result, main_process)
+
+
+def check_memory(args, config, options: dict, *, max_length: int, batch_size: int) -> None:
+    """Refuse, before loading anything, a run that `peftkit estimate` predicts will not fit in the memory available.
+
+    The estimate is a guard, not a gate: where it cannot be made (a model or method it does not know how to
+    build on the meta device), the run goes ahead and reports its own errors.
+    """
+    from peftkit.estimate import cheaper_setting, estimate_training_memory, gib
+
+    try:
+        estimate = estimate_training_memory(args.model, args.method, quantize=args.quantize, batch_size=batch_size,
+                                            max_length=max_length, gradient_checkpointing=args.gradient_checkpointing,
+                                            method_options=options, config=config)
+    except Exception:  # noqa: BLE001 - any failure to estimate leaves the decision to the run itself
+        return
+    if estimate.fits is not False:
+        return
+    cheaper = cheaper_setting(estimate)
+    way_out = (f"a cheaper setting that fits: {cheaper.setting()} (about {gib(cheaper.peak_bytes)})" if cheaper
+               else "no cheaper setting fits either (try a smaller model, --batch-size or --max-length)")
+    raise PeftkitError(f"this run will not fit: `peftkit estimate` predicts a peak of {gib(estimate.peak_bytes)} for "
+                       f"{estimate.setting()} on {args.model}, and {gib(estimate.available_bytes)} is available; "
+                       f"{way_out}; --skip-memory-check starts it anyway")
 
 
 def _train_causal(args, config, options, training, output_dir) -> int:

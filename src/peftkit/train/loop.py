@@ -62,7 +62,7 @@ from peftkit.train.evaluation import (
     sum_dtype,
 )
 from peftkit.train.gradient_checkpointing import gradient_checkpointing
-from peftkit.train.measure import peak_cuda_memory_mb, peak_rss_mb
+from peftkit.train.measure import ResourceMeter, peak_cuda_memory_mb, peak_rss_mb
 from peftkit.train.processes import make_accelerator, process_slice
 from peftkit.train.schedule import StepPlan, lr_multiplier, warmup_steps
 
@@ -101,6 +101,11 @@ class TrainResult:
     # This invocation: median seconds of an optimizer step (batches, forward, backward, optimizer; no evaluation).
     median_step_time_s: float | None = None
     stopped_by_time_limit: bool = False  # max_time_s ended the run before epochs / max_steps did
+    # This invocation, from the first step to the end (evaluation included): CPU time of the main process (all
+    # threads), and codecarbon's energy estimate where it is installed (energy_note says how it was made).
+    cpu_seconds: float | None = None
+    energy_kwh: float | None = None
+    energy_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +195,8 @@ class Trainer:
             self.progress_bar = tqdm(total=self.steps.total_steps, initial=self.state.step, desc="train", unit="step",
                                      dynamic_ncols=True)
         self.last_saved_step = self.state.step if self.resume_from is not None else None
+        self.meter = ResourceMeter(measure_energy=self.accelerator.is_main_process)
+        self.meter.start()
         self.train_epochs()
         return self.finish()
 
@@ -500,6 +507,7 @@ class Trainer:
                 ckpt.load_trainable_into(self.model, self.output_dir / BEST_DIRNAME / ckpt.TRAINABLE_FILENAME)
         self.accelerator.unwrap_model(self.prepared_model, keep_fp32_wrapper=False)  # undo the autocast forward patch
         self.model.train(self.was_training)
+        self.resources = self.meter.stop()
         result = self.result()
         if self.accelerator.is_main_process:
             write_json(self.output_dir / METRICS_FILENAME, result.to_dict())
@@ -532,6 +540,7 @@ class Trainer:
             output_dir=str(self.output_dir),
             median_step_time_s=statistics.median(self.step_times) if self.step_times else None,
             stopped_by_time_limit=self.out_of_time,
+            **self.resources,
         )
 
 

@@ -86,7 +86,8 @@ def fusable_call(base_layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> 
     base layer, no autocast. The unfused path handles everything else. The caller checks the layer's type."""
     return not (x.dtype != dtype or base_layer.weight.dtype != dtype or base_layer._forward_hooks
                 or base_layer._forward_pre_hooks or "forward" in base_layer.__dict__
-                or torch.is_autocast_enabled(x.device.type))
+                # A meta tensor (peftkit.estimate's weightless forward) has no autocast state: the path is the CPU one.
+                or (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)))
 
 
 def lora_linear_forward(x_rows: torch.Tensor, weight_rows: torch.Tensor | None, bias: torch.Tensor | None,
