@@ -18,6 +18,9 @@ EXTRA_OF = {
     "mlflow": "mlflow",
     "wandb": "wandb",
     "trl": "trl",
+    "flwr": "federated",
+    "flwr_datasets": "federated",
+    "ray": "federated",
 }
 
 
