@@ -3,7 +3,6 @@ checkpoints and resume, differential privacy, and the apps as separate Flower pr
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -148,12 +147,13 @@ def report_of(output_dir):
 
 
 @pytest.mark.slow
-def test_simulation_trains_a_federated_adapter_that_peftkit_eval_loads(tiny_folder, tiny_task, tmp_path):
+def test_simulation_with_crashing_clients_and_privacy_gives_an_adapter_peftkit_eval_loads(tiny_folder, tiny_task, tmp_path):
     from peftkit.cli import main
     from peftkit.federated.simulation import simulate
 
     output = tmp_path / "fed"
-    settings = settings_for(tiny_folder, tiny_task, output, inject_fault="raise:1:1,raise:0:1,raise:2:1")
+    settings = settings_for(tiny_folder, tiny_task, output, inject_fault="raise:1:1,raise:0:1,raise:2:1",
+                            dp_noise_multiplier=0.5, dp_clipping_norm=0.1)
     report = simulate(settings)  # every client crashes in round 1: the round keeps the adapter, round 2 trains
     first, second = report["rounds"]
     assert (first["round"], first["sampled"], first["trained"], first["failures"], first["aggregated"]) == (1, 2, 0, 2, False)
@@ -162,6 +162,7 @@ def test_simulation_trains_a_federated_adapter_that_peftkit_eval_loads(tiny_fold
     assert second["factorization_error"] is not None and 0 <= second["factorization_error"] < 1
     assert set(second["client_accuracies"]) == {"0", "1", "2"}  # every client scores on its own held-out part
     assert second["server_accuracy"] is not None
+    assert second["dp_noise_multiplier"] == 0.5  # Flower's client-side clipping and server noise were on
     per_message = report["adapter_bytes_per_message"]
     assert second["bytes_down"] == second["bytes_up"] == 2 * per_message and second["bytes_eval"] == 3 * per_message
     assert 0 < report["share_of_whole_model"] < 0.05
@@ -169,46 +170,36 @@ def test_simulation_trains_a_federated_adapter_that_peftkit_eval_loads(tiny_fold
 
 
 @pytest.mark.slow
-def test_a_hanging_client_is_dropped_at_the_timeout_and_a_killed_server_resumes(tiny_folder, tiny_task, tmp_path, monkeypatch):
+def test_a_hanging_client_is_dropped_at_the_timeout_and_a_dead_server_resumes(tiny_folder, tiny_task, tmp_path, monkeypatch):
     from peftkit.federated import simulation
 
     output = tmp_path / "fed"
-    settings = settings_for(tiny_folder, tiny_task, output, rounds=3, fraction=1.0, round_timeout_s=8,
-                            server_eval_examples=0, inject_fault="hang:2:1")
+    settings = settings_for(tiny_folder, tiny_task, output, rounds=3, fraction=1.0, round_timeout_s=60,
+                            server_eval_examples=0, aggregate="frozen-a", inject_fault="hang:2:2")
     original = rounds.write_checkpoint
 
     def write_then_die(output_dir, round_number, *args):
         path = original(output_dir, round_number, *args)
-        if round_number == 2:
-            raise SystemExit("the server is killed after checkpointing round 2")
+        if round_number == 2:  # the server dies right after checkpointing round 2
+            raise RuntimeError("the server died")
         return path
 
     monkeypatch.setattr(rounds, "write_checkpoint", write_then_die)
-    started = time.perf_counter()
     with pytest.raises(RuntimeError):
         simulation.simulate(settings)
     number, _, history, _ = rounds.read_checkpoint(output)
     assert number == 2 and [r.round for r in history] == [1, 2]
-    assert (history[0].trained, history[0].failures) == (2, 1)  # the hanging client was dropped, the round went on
-    assert history[1].trained == 3
+    assert history[0].sampled == 3  # (round 1 warms the simulation's workers up; on a busy machine a cold start
+    # can take longer than the timeout, so the hang is in round 2)
+    assert (history[1].trained, history[1].failures, history[1].aggregated) == (2, 1, True)  # dropped, the round went on
+    assert not (output / "federation.json").exists()
     monkeypatch.setattr(rounds, "write_checkpoint", original)
     with pytest.raises(PeftkitError, match="pass --resume"):
         simulation.simulate(settings)
     resumed = simulation.simulate(FederationSettings(**{**settings.__dict__, "resume": True, "inject_fault": ""}))
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
-    assert resumed["rounds"][0]["failures"] == 1  # the history from before the kill is kept
-    assert resumed["rounds"][2]["trained"] == 3
-    assert time.perf_counter() - started < 240
-
-
-@pytest.mark.slow
-def test_differential_privacy_clips_on_the_clients_and_adds_noise(tiny_folder, tiny_task, tmp_path):
-    from peftkit.federated.simulation import simulate
-
-    report = simulate(settings_for(tiny_folder, tiny_task, tmp_path / "dp", rounds=1, aggregate="fedavg-factors",
-                                   dp_noise_multiplier=0.5, dp_clipping_norm=0.1))
-    (only,) = report["rounds"]
-    assert only["aggregated"] and only["dp_noise_multiplier"] == 0.5
+    assert resumed["rounds"][1]["failures"] == 1  # the history from before is kept, round 3 ran after the restart
+    assert resumed["rounds"][2]["trained"] == 3 and resumed["rounds"][2]["client_accuracy"] is not None
 
 
 # --------------------------------------------------------------------------- separate Flower processes
@@ -226,48 +217,53 @@ def free_ports(count):
 
 @pytest.mark.slow
 def test_the_apps_run_as_flower_superlink_and_supernode_processes(tiny_folder, tiny_task, tmp_path):
-    """flower-superlink, two flower-supernodes and `flwr run`, over loopback in insecure mode."""
-    binaries = {name: shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
-                for name in ("flower-superlink", "flower-supernode", "flwr")}
-    if not all(binaries.values()):
-        pytest.skip(f"Flower's command-line programs are not installed: {binaries}")
+    """flower-superlink, two flower-supernodes and `flwr run` of peftkit's app folder, over loopback, insecure."""
+    binaries = os.path.dirname(sys.executable)
+    if not all(os.path.exists(os.path.join(binaries, name)) for name in ("flower-superlink", "flower-supernode", "flwr")):
+        pytest.skip("Flower's command-line programs are not installed beside this Python")
     from peftkit.federated.simulation import write_flower_app
 
     output = tmp_path / "fed"
     settings = settings_for(tiny_folder, tiny_task, output, clients=2, rounds=2, fraction=1.0, server_eval_examples=0)
     app = write_flower_app(tmp_path / "app", settings)
-    serverappio, fleet, control, *clientappio = free_ports(5)
-    environment = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "flwr-home")}
+    link, *nodes = free_ports(3)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\n'
+                                      "insecure = true\n")
+    environment = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+                   "PATH": binaries + os.pathsep + os.environ.get("PATH", "")}
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = []
 
     def start(name, *args):
-        log = open(logs / f"{name}.log", "w")
-        processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path))
+        with open(logs / f"{name}.log", "w") as log:
+            processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path))
+
+    def all_logs():
+        return "\n".join(f"--- {p.name}\n" + p.read_text()[-2000:] for p in sorted(logs.iterdir()))
 
     try:
-        start("superlink", binaries["flower-superlink"], "--insecure", "--serverappio-api-address", f"127.0.0.1:{serverappio}",
-              "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}")
-        for node in range(2):
-            start(f"supernode-{node}", binaries["flower-supernode"], "--insecure", "--superlink", f"127.0.0.1:{fleet}",
-                  "--clientappio-api-address", f"127.0.0.1:{clientappio[node]}",
+        start("superlink", "flower-superlink", "--insecure", "--port", str(link), "--disable-runtime-dependency-installation")
+        for node, port in enumerate(nodes):
+            start(f"supernode-{node}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
                   "--node-config", f"partition-id={node} num-partitions=2")
-        federation = f'{{address="127.0.0.1:{control}", insecure=true}}'
-        deadline = time.time() + 240
-        while time.time() < deadline and not (output / "federation.json").exists():
-            submitted = subprocess.run([binaries["flwr"], "run", str(app), "local", "--federation-config", federation],
-                                       capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120)
-            if submitted.returncode == 0:
+        deadline = time.time() + 300
+        while True:  # the SuperLink may still be starting
+            submitted = subprocess.run(["flwr", "run", str(app), "local"], capture_output=True, text=True, env=environment,
+                                       cwd=tmp_path, timeout=120)
+            if "Successfully started run" in submitted.stdout or time.time() > deadline:
                 break
-            time.sleep(2)  # the SuperLink may still be starting
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+            time.sleep(3)
+        assert "Successfully started run" in submitted.stdout, submitted.stdout + submitted.stderr + all_logs()
         while time.time() < deadline and not (output / "federation.json").exists():
-            time.sleep(1)
-        report = report_of(output) if (output / "federation.json").exists() else None
-        assert report is not None, "\n".join(p.read_text()[-3000:] for p in sorted(logs.iterdir()))
+            time.sleep(2)
+        assert (output / "federation.json").exists(), all_logs()
+        report = report_of(output)
         assert [r["trained"] for r in report["rounds"]] == [2, 2]
         assert set(report["rounds"][-1]["client_accuracies"]) == {"0", "1"}
+        assert (output / "adapter" / "adapter_model.safetensors").exists()
     finally:
         for process in reversed(processes):
             process.terminate()

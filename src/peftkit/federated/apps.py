@@ -98,6 +98,14 @@ def inject_fault(settings: FederationSettings, client: int, server_round: int) -
 # --------------------------------------------------------------------------- server
 
 
+def short_reason(reason) -> str:
+    """The end of a client's error (where the exception's own message is), without terminal colours."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason)).strip()
+    return text[-300:]
+
+
 class AdapterFedAvg(FedAvg):
     """Flower's FedAvg (sampling, messaging, failure handling) with peftkit's aggregation of adapters.
 
@@ -128,7 +136,7 @@ class AdapterFedAvg(FedAvg):
         entry = self.record(server_round)
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
-        entry.failure_reasons = [str(m.error.reason)[:300] for m in replies if m.has_error()]
+        entry.failure_reasons = [short_reason(m.error.reason) for m in replies if m.has_error()]
         states, weights, losses = [], [], []
         for message in valid:
             state = message.content[ARRAYS].to_torch_state_dict()
@@ -235,11 +243,13 @@ def save_final(settings: FederationSettings, adapted: local.AdaptedModel, histor
     save_run(adapted.model, adapted.tokenizer, folder / "adapter", model=settings.model, task=settings.task,
              method=settings.method, label_names=adapted.label_names, max_length=settings.max_length,
              text_column="text", label_column="label", quantize=None, validation_holdout=None)
-    shared = local.state_bytes(adapted.shared_state())
+    shared = adapted.shared_state()
+    message = record_bytes(ArrayRecord(shared))  # as Flower serializes it (each array with its small header)
     whole = adapted.whole_model_bytes()
     write_json(folder / rounds.REPORT_NAME, {
         "settings": settings.__dict__, "rounds": [r.to_dict() for r in history],
-        "adapter_bytes_per_message": shared, "whole_model_bytes": whole, "share_of_whole_model": shared / whole,
+        "adapter_tensor_bytes": local.state_bytes(shared), "adapter_bytes_per_message": message,
+        "whole_model_bytes": whole, "share_of_whole_model": message / whole,
     })
 
 
