@@ -9,8 +9,9 @@ For each task and partition (IID, Dirichlet alpha=0.5 over the labels) of the ta
 among 10 clients (Flower Datasets), every aggregation rule runs a Flower simulation: each round 4 of
 the 10 clients (fraction 0.4) train LoRA (r=8 on query,value, plus the new head) for one local epoch on
 their own examples, and every client scores the global adapter on its own held-out part (20% of its
-examples). To keep the run short each client trains on at most --max-examples-per-client examples
-(160 by default: 1,600 of the task's training examples are used, the same ones by every contender).
+examples). To keep the run short each client owns at most --max-examples-per-client examples (80 by
+default: 64 to train on, 16 held out; 800 of the task's training examples are used, the same ones by
+every contender).
 
 Against the same examples, and for centralized training the same budget of optimizer steps (rounds x
 clients per round x a client's mean steps per local epoch):
@@ -109,8 +110,8 @@ def main() -> int:
     parser.add_argument("--aggregations", default="fedavg-factors,delta,frozen-a")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--fraction", type=float, default=0.4)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-examples-per-client", type=int, default=160)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--max-examples-per-client", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--personal-steps", type=int, default=10)

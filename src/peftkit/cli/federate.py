@@ -40,7 +40,7 @@ def add_parsers(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=None, help="(default: the method's)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--max-examples-per-client", type=int, default=0, help="cap each client's training examples (0: all)")
+    parser.add_argument("--max-examples-per-client", type=int, default=0, help="cap each client's examples, its held-out part included (0: all)")
     parser.add_argument("--server-eval", type=int, default=0, metavar="N",
                         help="the server also scores the global adapter on N validation examples each round")
     parser.add_argument("--dp-noise", type=float, default=0.0,

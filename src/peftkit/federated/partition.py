@@ -44,7 +44,7 @@ def partition_examples(examples: Sequence[Example], clients: int, partition: str
     """Split `examples` among `clients` as `partition` says ('iid' or 'dirichlet:ALPHA'), with flwr-datasets.
 
     Each client's part is shuffled (seeded) and its last `held_out_fraction` (at least one example) kept
-    for its own evaluation; `max_examples` caps each client's training examples (to keep runs short).
+    for its own evaluation; `max_examples` caps each client's examples before that cut (to keep runs short).
     """
     kind, alpha = parse_partition(partition)
     if clients < 1:
@@ -72,12 +72,13 @@ def partition_examples(examples: Sequence[Example], clients: int, partition: str
             raise PeftkitError(f"cannot split {len(examples)} examples among {clients} clients as {partition!r} ({error}); "
                                "use fewer clients or a larger alpha") from None
         rows = [Example(text=text, label=int(label)) for text, label in zip(part["text"], part["label"])]
+        rows = rows[:max_examples] if max_examples else rows
         held = max(1, round(len(rows) * held_out_fraction))
         train = rows[:-held]
         if not train:
             raise PeftkitError(f"client {client} got {len(rows)} example(s): too few to train and evaluate; "
                                "use fewer clients or a larger Dirichlet alpha")
-        parts.append(ClientData(train=train[:max_examples] if max_examples else train, held_out=rows[-held:]))
+        parts.append(ClientData(train=train, held_out=rows[-held:]))
     return parts
 
 

@@ -33,7 +33,7 @@ class FederationSettings:
     batch_size: int = 16
     learning_rate: float = 0.0  # 0: the method's default
     max_length: int = 64
-    max_examples_per_client: int = 0  # 0: all of the client's part
+    max_examples_per_client: int = 0  # caps a client's part (held-out included); 0: all of it
     held_out_fraction: float = 0.2  # of each client's part, kept for its own evaluation
     server_eval_examples: int = 0  # > 0: the server also scores the global adapter on this many validation examples
     seed: int = 0
