@@ -142,17 +142,22 @@ def main() -> int:
                               wall_s=time.perf_counter() - started)
             comparisons.append(comparison)
             print_partition(task, partition, reports, comparison)
+            save(args, runs, comparisons, verdicts=None)  # what is done so far, in case the run is cut short
             sys.stdout.flush()
-    verdicts = print_targets(runs, comparisons)
+    save(args, runs, comparisons, verdicts=print_targets(runs, comparisons))
+    return 0
+
+
+def save(args, runs, comparisons, verdicts) -> None:
     payload = {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]), "settings": vars(args),
-               "runs": [{k: r[k] for k in ("task", "partition", "rule", "rounds", "adapter_bytes_per_message",
+               "complete": verdicts is not None,
+               "runs": [{k: r[k] for k in ("task", "partition", "rule", "rounds", "adapter_tensor_bytes", "adapter_bytes_per_message",
                                              "whole_model_bytes", "share_of_whole_model", "wall_s")} for r in runs],
                "baselines": comparisons, "targets": verdicts}
     if args.json:
         write_json(args.json, payload)
     if args.plot:
         plot(runs, comparisons, args.plot)
-    return 0
 
 
 def print_partition(task, partition, reports, comparison) -> None:
