@@ -245,7 +245,7 @@ def collect_cotrain(folder: Path, cotrain_log: Path) -> tuple[list[dict], dict]:
     if not cotrain_complete(folder) and training_in(folder):
         raise SystemExit(f"a peftkit process is co-training in {folder}; wait for it to finish, then run this again")
     if not cotrain_complete(folder):
-        resume = (folder / "checkpoint" / "state.json").is_file()
+        resume = any((folder / "checkpoints").glob("step-*/state.json"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         log = folder.parent / f"{folder.name}-{'resume' if resume else 'run'}-{int(time.time())}.log"
         cotrain_parts.append(measured(cotrain_command(folder, resume), log))

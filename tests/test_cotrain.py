@@ -9,7 +9,7 @@ import torch
 
 from peftkit import io, zoo
 from peftkit.errors import PeftkitError
-from peftkit.train import cotrain
+from peftkit.train import checkpoint, cotrain
 from peftkit.train.cotrain import SlotAdamW, clip_slot_gradients, cotrain_classifiers, plan_epoch, task_epoch_batches
 from peftkit.train.job import evaluate_run
 
@@ -296,6 +296,11 @@ def test_interrupted_run_resumes_to_the_same_adapters(tiny_model_folder, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         cotrain_classifiers(tmp_path / "model", tasks, tmp_path / "cut", training=training)
     monkeypatch.setattr(cotrain._Cotrainer, "_train_step", real_step)
+    # The cut run left the single-task trainer's checkpoint format: checkpoints/step-<passes>/, the last at pass 5.
+    (step, folder), = checkpoint.list_checkpoints(tmp_path / "cut" / "checkpoints")
+    assert step == 5 and sorted(f.name for f in folder.iterdir()) == [
+        checkpoint.OPTIMIZER_FILENAME, checkpoint.rng_filename(0), checkpoint.STATE_FILENAME, checkpoint.TRAINABLE_FILENAME]
+    assert checkpoint.read_state(folder)["kind"] == "cotrain"
     with pytest.raises(PeftkitError, match="resume=True"):
         cotrain_classifiers(tmp_path / "model", tasks, tmp_path / "cut", training=training)
     torch.manual_seed(12345)  # a fresh process would start from another random state
@@ -306,6 +311,15 @@ def test_interrupted_run_resumes_to_the_same_adapters(tiny_model_folder, tmp_pat
         first, second = (io.read_tensors(tmp_path / run / name / io.WEIGHTS_NAME) for run in ("whole", "cut"))
         for key in first:
             torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def test_a_checkpoint_in_the_earlier_layout_is_refused_clearly(tmp_path):
+    legacy = tmp_path / "run" / "checkpoint"
+    legacy.mkdir(parents=True)
+    (legacy / "state.json").write_text(json.dumps({"format": 1, "tensors": "state-0-3.safetensors"}))
+    for resume in (False, True):
+        with pytest.raises(PeftkitError, match="layout of an earlier peftkit version"):
+            cotrain_classifiers("minilm", ["sst2", "trec"], tmp_path / "run", training={"resume": resume})
 
 
 @pytest.mark.parametrize("tasks, training, message", [

@@ -23,18 +23,18 @@ from torch import nn
 from peftkit import io
 from peftkit.config import PeftConfig, load_config
 from peftkit.errors import PeftkitError
-from peftkit.methods import full
 from peftkit.methods.base import (
     Attached,
     ModelAdapter,
     ReplacementDelta,
+    WholeModelMethod,
     adapted_modules,
     attach_delta,
     iter_base_modules,
     remove_wrapper,
 )
 from peftkit.methods.lora.adapter_names import running_adapter_names
-from peftkit.registry import method_for
+from peftkit.registry import method_for, whole_model_method
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, describe_module_names, name_matches
 
 
@@ -158,7 +158,12 @@ class PeftModel(nn.Module):
 
     @property
     def is_full_finetune(self) -> bool:
-        return any(isinstance(c, full.FullFinetuneConfig) for c in self.peft_config.values())
+        """True when the model trains the base's own weights (full fine-tuning) instead of adapters."""
+        return self._whole_model_method() is not None
+
+    def _whole_model_method(self) -> WholeModelMethod | None:
+        """The method that trains the base model itself, where that is what this model holds (see registry)."""
+        return next(filter(None, map(whole_model_method, self.peft_config.values())), None)
 
     # -- adapters --------------------------------------------------------------------------------
     @property
@@ -176,11 +181,11 @@ class PeftModel(nn.Module):
             raise PeftkitError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if not isinstance(peft_config, PeftConfig):
             raise PeftkitError(f"expected a peftkit config (LoraConfig, BitFitConfig, ...), got {type(peft_config).__name__}")
-        if isinstance(peft_config, full.FullFinetuneConfig) or self.is_full_finetune:
+        whole_model = whole_model_method(peft_config) or self._whole_model_method()
+        if whole_model is not None:
             if self.peft_config:
-                raise PeftkitError("full fine-tuning changes the base itself and cannot share the model with other adapters")
-            for parameter in self.base_model.parameters():
-                parameter.requires_grad_(True)
+                raise whole_model.refuse("share")
+            whole_model.attach(self.base_model)
             self.peft_config[adapter_name] = peft_config
             return
         if not self.peft_config:
@@ -254,8 +259,9 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require_adapter(adapter_name)
-        if self.is_full_finetune:
-            raise PeftkitError("a full fine-tuning run has no adapter to delete")
+        whole_model = self._whole_model_method()
+        if whole_model is not None:
+            raise whole_model.refuse("delete")
         for _, module in adapted_modules(self.base_model):
             if adapter_name in module.merged_adapters:
                 raise PeftkitError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
@@ -283,8 +289,9 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model computes exactly what the base model computes."""
-        if self.is_full_finetune:
-            raise PeftkitError("full fine-tuning changed the base weights; there is no adapter to disable")
+        whole_model = self._whole_model_method()
+        if whole_model is not None:
+            raise whole_model.refuse("disable")
         modules = [m for _, m in adapted_modules(self.base_model)]
         if any(m.merged_adapters for m in modules):
             raise PeftkitError("an adapter is merged into the base weights; call unmerge_adapter() before disable_adapter()")
@@ -343,7 +350,7 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the adapters into the base and return the plain base model (no wrappers left)."""
-        if self.is_full_finetune:
+        if self.is_full_finetune:  # the trained weights are the base's own: nothing to merge
             return self.base_model
         self.merge_adapter(adapter_names)
         return self._unwrap()
@@ -412,8 +419,9 @@ class PeftModel(nn.Module):
         save_directory = os.fspath(save_directory)
         if not is_main_process:
             return []
-        if self.is_full_finetune:
-            return [self._save_full(save_directory)]
+        whole_model = self._whole_model_method()
+        if whole_model is not None:
+            return [whole_model.save(self.base_model, next(iter(self.peft_config.values())), save_directory)]
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
         written = []
         for name in names:
@@ -428,24 +436,8 @@ class PeftModel(nn.Module):
                 config = config.replace(target_modules=sorted(self._targets[name]))
             data = config.to_dict()
             data["base_model_name_or_path"] = data.get("base_model_name_or_path") or _base_model_id(self.base_model)
-            data["inference_mode"] = True
-            folder = io.adapter_folder(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
-            io.write_tensors(os.path.join(folder, io.WEIGHTS_NAME), self.adapter_state(name))
-            io.write_json(os.path.join(folder, io.CONFIG_NAME), data)
-            written.append(folder)
+            written.append(io.write_adapter_folder(io.adapter_folder(save_directory, name), data, self.adapter_state(name)))
         return written
-
-    def _save_full(self, folder: str) -> str:
-        os.makedirs(folder, exist_ok=True)
-        if hasattr(self.base_model, "save_pretrained"):
-            self.base_model.save_pretrained(folder)  # transformers writes safetensors
-        else:
-            io.write_tensors(os.path.join(folder, "model.safetensors"), dict(self.base_model.state_dict()))
-        # Not adapter_config.json: transformers would then take the folder for a peft adapter.
-        config = next(iter(self.peft_config.values()))
-        io.write_json(os.path.join(folder, io.FULL_CONFIG_NAME), config.to_dict())
-        return folder
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -489,8 +481,9 @@ class PeftModel(nn.Module):
 
     def _fill_adapter(self, folder, adapter_name: str, is_trainable: bool) -> None:
         folder = os.fspath(folder)
-        if self.is_full_finetune:
-            raise PeftkitError(f"{folder} holds a fully fine-tuned model, not an adapter: load it as a model folder")
+        whole_model = self._whole_model_method()
+        if whole_model is not None:
+            raise whole_model.refuse("load", folder=folder)
         path = os.path.join(folder, io.WEIGHTS_NAME)
         self.load_adapter_state(adapter_name, io.read_tensors(path), where=path)
         if is_trainable:

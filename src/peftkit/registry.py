@@ -28,6 +28,7 @@ from peftkit.methods import (
     sparse,
     vera,
 )
+from peftkit.methods.base import WholeModelMethod
 
 # One entry per method file (the names are listed sorted wherever they are shown).
 METHOD_FILES: tuple[ModuleType, ...] = (
@@ -38,6 +39,11 @@ METHODS: dict[str, Method] = {method.name: method for file in METHOD_FILES for m
 # peft_type -> the file whose `add_adapter` adds it (full fine-tuning changes the base and adds nothing).
 ADAPTER_FILES: dict[str, ModuleType] = {
     method.config.peft_type: file for file in METHOD_FILES if hasattr(file, "add_adapter") for method in file.METHODS
+}
+
+# peft_type -> how PeftModel runs a method that trains the base model itself (full fine-tuning).
+WHOLE_MODEL_METHODS: dict[str, WholeModelMethod] = {
+    method.config.peft_type: file.WHOLE_MODEL for file in METHOD_FILES if hasattr(file, "WHOLE_MODEL") for method in file.METHODS
 }
 
 DEFAULT_EPOCHS = 2  # passes over the data when neither the caller nor the method says otherwise
@@ -63,6 +69,12 @@ def method_for(config: PeftConfig) -> ModuleType:
         raise PeftkitError(
             f"{type(config).__name__} is not an adapter method; adapter methods: {', '.join(sorted(ADAPTER_FILES))}"
         ) from None
+
+
+def whole_model_method(config: PeftConfig) -> WholeModelMethod | None:
+    """How PeftModel runs `config`'s method when it trains the base model itself (full fine-tuning); None
+    for adapter methods."""
+    return WHOLE_MODEL_METHODS.get(config.peft_type)
 
 
 def method_config(name: str, task_type: str = "SEQ_CLS", **options: Any) -> PeftConfig:

@@ -36,13 +36,12 @@ from torch import nn
 from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (
-    AdapterDelta,
     Attached,
     BiasDelta,
     ModelAdapter,
+    WeightDelta,
     attach_delta,
     check_shape,
-    shadow_parameter,
 )
 from peftkit.targeting import find_targets, linear_types, other_bias_modules
 
@@ -194,7 +193,7 @@ def budget_schedule(step: int, *, initial_budget: int, target_budget: int, tinit
     return budget, step % deltaT == 0
 
 
-class SvdDelta(AdapterDelta):
+class SvdDelta(WeightDelta):
     """The update s * B diag(E) A on nn.Linear, GPT-2 Conv1D or nn.Conv2d.
 
     lora_A: (r, in_features) (for Conv2d in_channels * kernel height * kernel width), lora_E: (r, 1),
@@ -230,9 +229,7 @@ class SvdDelta(AdapterDelta):
         self.ranknum = nn.Parameter(torch.full((1,), float(init_r), dtype=weight.dtype), requires_grad=False)
         self.register_buffer("kept", None, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.delta_bias = None
-        if train_bias and getattr(base_layer, "bias", None) is not None:
-            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.add_bias_change(base_layer, train_bias)
         with torch.no_grad():
             if init:
                 nn.init.zeros_(self.lora_E)
@@ -271,18 +268,6 @@ class SvdDelta(AdapterDelta):
         rank = self.r if self.kept is None else int(self.kept.sum())
         return f"rank={rank} of {self.r}, init_r={self.init_r}, scaling={self.scaling:g}/{self.init_r}"
 
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
-
     def file_tensors(self, base_layer):
         # Files hold the kept triplets only, as peft saves them next to the rank_pattern.
         rows = slice(None) if self.kept is None else self.kept
@@ -291,9 +276,7 @@ class SvdDelta(AdapterDelta):
             "lora_E": self.lora_E[rows].detach(),
             "lora_B": self.lora_B[:, rows].detach(),
         }
-        if self.delta_bias is not None:
-            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
-        return tensors
+        return tensors | self.bias_file_tensors(base_layer)
 
     @torch.no_grad()
     def _assign_file_tensors(self, tensors, base_layer):
@@ -307,8 +290,7 @@ class SvdDelta(AdapterDelta):
             self.lora_A[self.kept] = tensors["lora_A"].to(self.lora_A)
             self.lora_E[self.kept] = tensors["lora_E"].to(self.lora_E)
             self.lora_B[:, self.kept] = tensors["lora_B"].to(self.lora_B)
-        if self.delta_bias is not None:
-            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+        self.assign_bias_file_tensor(tensors, base_layer)
 
     def load_file_tensors(self, tensors, base_layer, where):
         for suffix, target in self.file_tensors(base_layer).items():

@@ -145,6 +145,60 @@ class BiasDelta(AdapterDelta):
             self.delta_bias.copy_(tensors[self.file_suffix].to(self.delta_bias) - base_layer.bias)
 
 
+class WeightDelta(AdapterDelta):
+    """A delta that changes the base layer's weight (its merged form) and, optionally, its bias.
+
+    Subclasses give `delta_weight()`, the change of the weight in the weight's own layout, and call
+    `add_bias_change` where the bias trains too (`delta_bias`, None otherwise). Merging adds both into
+    the base layer and unmerging takes them out; a subclass whose weight change is not additive (OFT
+    rotates) overrides `merge` / `unmerge` and keeps the bias half (`merge_bias`, `unmerge_bias`).
+    In files the trained bias is saved whole (base + change) as `base_layer.bias`, as peft saves it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.delta_bias: nn.Parameter | None = None
+
+    def add_bias_change(self, base_layer: nn.Module, enabled: bool) -> None:
+        """Train a change of the base bias (starting at zero) where `enabled` and the base layer has a bias."""
+        if enabled and getattr(base_layer, "bias", None) is not None:
+            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, base_layer):
+        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
+        self.merge_bias(base_layer)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer):
+        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
+        self.unmerge_bias(base_layer)
+
+    @torch.no_grad()
+    def merge_bias(self, base_layer: nn.Module) -> None:
+        if self.delta_bias is not None:
+            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge_bias(self, base_layer: nn.Module) -> None:
+        if self.delta_bias is not None:
+            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
+
+    def bias_file_tensors(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """{"base_layer.bias": the trained bias} where the bias trains, else {}."""
+        if self.delta_bias is None:
+            return {}
+        return {"base_layer.bias": (base_layer.bias + self.delta_bias).detach()}
+
+    @torch.no_grad()
+    def assign_bias_file_tensor(self, tensors: dict[str, torch.Tensor], base_layer: nn.Module) -> None:
+        if self.delta_bias is not None:
+            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+
+
 class ReplacementDelta(AdapterDelta):
     """A trainable copy of the whole module that replaces it while the adapter is active.
 
@@ -226,6 +280,27 @@ class ModelAdapter(nn.Module):
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after optimizer step `step` (1-based) of `total_steps`, before gradients are cleared."""
+
+
+class WholeModelMethod:
+    """A method that trains the base model's own weights instead of adding an adapter beside them (full
+    fine-tuning). PeftModel hands it what an adapter would do itself: it takes the model alone, saves
+    the whole model, and refuses each operation that has no adapter to act on, in its own words."""
+
+    # operation -> the line the user sees: "share" (another adapter on the same model), "delete",
+    # "disable" and "load" (an adapter's tensors into it; "{folder}" names the folder).
+    refusals: dict[str, str] = {}
+
+    def attach(self, model: nn.Module) -> None:  # pragma: no cover
+        """Make `model` trainable as this method trains it."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, config, folder: str) -> str:  # pragma: no cover
+        """Write what the run trained into `folder`; return the folder."""
+        raise NotImplementedError
+
+    def refuse(self, operation: str, **names: str) -> PeftkitError:
+        return PeftkitError(self.refusals[operation].format(**names))
 
 
 @dataclasses.dataclass

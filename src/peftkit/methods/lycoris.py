@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterDelta, attach_delta, iter_base_modules
+from peftkit.methods.base import WeightDelta, attach_delta, iter_base_modules
 from peftkit.targeting import find_targets
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -71,7 +71,7 @@ def kaiming_uniform(tensor: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
-class LycorisDelta(AdapterDelta):
+class LycorisDelta(WeightDelta):
     """A delta defined by a full weight update Delta W, (out, in) or (out, in / groups, *kernel).
 
     Subclasses register their factors as parameters named exactly as peft's file keys (hada_w1_a,
@@ -130,14 +130,6 @@ class LycorisDelta(AdapterDelta):
                 keep = keep / keep.mean()
             update = update * (keep.view(-1, *[1] * (update.dim() - 2)) if self.is_conv else keep)
         return base_output + update.to(base_output.dtype)
-
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
 
     def file_tensors(self, base_layer):
         return {name: parameter.detach() for name, parameter in self._parameters.items()}

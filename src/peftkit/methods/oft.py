@@ -39,7 +39,7 @@ from torch import nn
 from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods import lycoris
-from peftkit.methods.base import AdapterDelta, BiasDelta, attach_delta, iter_base_modules, shadow_parameter
+from peftkit.methods.base import BiasDelta, WeightDelta, attach_delta, iter_base_modules
 from peftkit.targeting import find_targets, other_bias_modules
 
 
@@ -163,7 +163,7 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     return rotation + power @ skew
 
 
-class OftDelta(AdapterDelta):
+class OftDelta(WeightDelta):
     """OFT on one nn.Linear: rotates the input in blocks before the frozen layer.
 
     oft_R: (stored blocks, b (b - 1) / 2), the upper triangles of the skew-symmetric blocks Q_i.
@@ -191,9 +191,7 @@ class OftDelta(AdapterDelta):
         rows, cols = torch.triu_indices(self.block_size, self.block_size, 1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
-        self.delta_bias = None
-        if config.bias != "none" and base_layer.bias is not None:
-            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.add_bias_change(base_layer, config.bias != "none")
 
     def skew_blocks(self, vectors: torch.Tensor) -> torch.Tensor:
         """(n, b (b - 1) / 2) upper triangles -> (n, b, b) skew-symmetric blocks."""
@@ -260,8 +258,7 @@ class OftDelta(AdapterDelta):
         # y = x R W^T = x (W R^T)^T: block i of W's columns becomes W_i R_i^T.
         merged = torch.einsum("ork,rck->orc", columns, rotation)
         weight.copy_(merged.reshape(weight.shape).to(weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
+        self.merge_bias(base_layer)
 
     @torch.no_grad()
     def unmerge(self, base_layer):
@@ -270,20 +267,15 @@ class OftDelta(AdapterDelta):
         columns = weight.to(torch.float64).reshape(weight.shape[0], self.blocks, self.block_size)
         restored = torch.einsum("ork,rck->orc", columns, inverse)
         weight.copy_(restored.reshape(weight.shape).to(weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
+        self.unmerge_bias(base_layer)
 
     def file_tensors(self, base_layer):
-        tensors = {"oft_R.weight": self.oft_R.detach()}
-        if self.delta_bias is not None:  # peft saves the trained bias itself
-            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
-        return tensors
+        return {"oft_R.weight": self.oft_R.detach()} | self.bias_file_tensors(base_layer)
 
     @torch.no_grad()
     def _assign_file_tensors(self, tensors, base_layer):
         self.oft_R.copy_(tensors["oft_R.weight"])
-        if self.delta_bias is not None:
-            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+        self.assign_bias_file_tensor(tensors, base_layer)
 
     def extra_repr(self) -> str:
         kind = f"cayley_neumann({self.neumann_terms})" if self.use_cayley_neumann else "cayley"

@@ -27,13 +27,12 @@ from torch import nn
 from peftkit.config import Method, PeftConfig, register_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (
-    AdapterDelta,
     Attached,
     BiasDelta,
     ModelAdapter,
+    WeightDelta,
     attach_delta,
     iter_base_modules,
-    shadow_parameter,
 )
 from peftkit.targeting import find_targets, linear_types, other_bias_modules
 
@@ -146,7 +145,7 @@ class VeraProjections(ModelAdapter):
             self.vera_B = tensors["base_model.vera_B"].to(self.vera_B.device, self.vera_B.dtype).clone()
 
 
-class VeraDelta(AdapterDelta):
+class VeraDelta(WeightDelta):
     """VeRA on nn.Linear or GPT-2 Conv1D: vera_lambda_d (r,), vera_lambda_b (out_features,).
 
     Reads the shared projections from its `VeraProjections` (held by reference, not as a submodule:
@@ -170,9 +169,7 @@ class VeraDelta(AdapterDelta):
         self.vera_lambda_b = nn.Parameter(lambda_b)
         self.vera_lambda_d = nn.Parameter(lambda_d)
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
-        self.delta_bias = None
-        if config.bias != "none" and getattr(base_layer, "bias", None) is not None:
-            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.add_bias_change(base_layer, config.bias != "none")
 
     def _sliced_projections(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's parts of the shared projections: A (r, in_features), B (out_features, r)."""
@@ -198,30 +195,15 @@ class VeraDelta(AdapterDelta):
         delta = (self.vera_lambda_b[:, None] * vera_B) @ (self.vera_lambda_d[:, None] * vera_A)
         return delta.T if self.transposed else delta
 
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
-
     def file_tensors(self, base_layer):
         tensors = {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
-        if self.delta_bias is not None:
-            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
-        return tensors
+        return tensors | self.bias_file_tensors(base_layer)
 
     @torch.no_grad()
     def _assign_file_tensors(self, tensors, base_layer):
         self.vera_lambda_b.copy_(tensors["vera_lambda_b"])
         self.vera_lambda_d.copy_(tensors["vera_lambda_d"])
-        if self.delta_bias is not None:
-            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+        self.assign_bias_file_tensor(tensors, base_layer)
 
 
 def add_adapter(model: nn.Module, config: VeraConfig, adapter_name: str, skip: list[str]) -> Attached:

@@ -31,7 +31,7 @@ from peftkit.extras import require
 require("fastapi", "peftkit serve (the HTTP API)")
 require("uvicorn", "peftkit serve (the HTTP API)")
 
-from fastapi import FastAPI  # noqa: E402  (after the check above, which names the extra to install)
+from fastapi import APIRouter, FastAPI  # noqa: E402  (after the check above, which names the extra to install)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -165,6 +165,17 @@ def _unexpected(request, error: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
 
+# Which handler answers which exception (Starlette picks the most specific type that matches).
+_ERROR_HANDLERS = (
+    (RequestValidationError, _validation_error),
+    (StarletteHTTPException, _http_error),
+    (PeftkitError, _peftkit_error),
+    (QueueFullError, _queue_full),
+    (BatchError, _batch_error),
+    (Exception, _unexpected),
+)
+
+
 # --- middleware -----------------------------------------------------------------------------------
 
 
@@ -256,50 +267,69 @@ def create_app(server: AdapterServer) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=server.settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 413s too
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(PeftkitError, _peftkit_error)
-    app.add_exception_handler(QueueFullError, _queue_full)
-    app.add_exception_handler(BatchError, _batch_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for error_type, handler in _ERROR_HANDLERS:
+        app.add_exception_handler(error_type, handler)
+    app.include_router(_status_routes(server, metrics))
+    app.include_router(_adapter_routes(server))
+    app.include_router(_completion_routes(server))
+    return app
 
-    @app.get("/health")
+
+def _status_routes(server: AdapterServer, metrics: prometheus.ServerMetrics) -> APIRouter:
+    """GET /health and GET /metrics."""
+    routes = APIRouter()
+
+    @routes.get("/health")
     async def health():
         return {"status": "ok", "model": server.model_name, "kind": server.kind,
                 "mixed_batching": server.settings.mixed_batching, "queue_depth": server.batcher.queue_depth,
                 "batches": server.batcher.batches_run, "adapters_in_slots": len(server.cache.in_slots()),
                 "uptime_s": round(time.time() - server.started_at, 1)}
 
-    @app.get("/metrics")
+    @routes.get("/metrics")
     async def metrics_text():
         text = metrics.render(server.batcher.queue_depth, server.settings.max_queue, server.cache.snapshot(),
                               {"model": server.model_name, "kind": server.kind,
                                "mixed_batching": str(server.settings.mixed_batching).lower()})
         return PlainTextResponse(text, media_type=prometheus.CONTENT_TYPE)
 
-    @app.get("/v1/adapters")
+    return routes
+
+
+def _adapter_routes(server: AdapterServer) -> APIRouter:
+    """The adapter directory (list, load, unload; /v1/models as OpenAI clients list it) and classification."""
+    routes = APIRouter()
+
+    @routes.get("/v1/adapters")
     async def list_adapters():
         return {"adapters": server.list_adapters(), "cache": _cache_summary(server)}
 
-    @app.post("/v1/adapters/{name}/load")
+    @routes.post("/v1/adapters/{name}/load")
     async def load_adapter(name: str):
         return await server.load_adapter(name)
 
-    @app.delete("/v1/adapters/{name}")
+    @routes.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         return await server.unload_adapter(name)
 
-    @app.get("/v1/models")
+    @routes.get("/v1/models")
     async def list_models():
         names = [entry["name"] for entry in server.list_adapters() if "error" not in entry]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(server.started_at),
                                             "owned_by": "peftkit"} for name in names]}
 
-    @app.post("/v1/classify")
+    @routes.post("/v1/classify")
     async def classify(body: ClassifyBody):
         return await server.classify(body.adapter, body.texts)
 
-    @app.post("/v1/completions")
+    return routes
+
+
+def _completion_routes(server: AdapterServer) -> APIRouter:
+    """The OpenAI-compatible text generation endpoints: /v1/completions and /v1/chat/completions."""
+    routes = APIRouter()
+
+    @routes.post("/v1/completions")
     async def completions(body: CompletionBody):
         _refuse_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -322,7 +352,7 @@ def create_app(server: AdapterServer) -> FastAPI:
                             for i, c in enumerate(done)],
                 "usage": _usage(done)}
 
-    @app.post("/v1/chat/completions")
+    @routes.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         _refuse_unsupported(body)
         requested = body.max_completion_tokens or body.max_tokens
@@ -339,7 +369,7 @@ def create_app(server: AdapterServer) -> FastAPI:
                              "finish_reason": done[0].finish_reason, "logprobs": None}],
                 "usage": _usage(done)}
 
-    return app
+    return routes
 
 
 def _usage(completions) -> dict[str, int]:

@@ -9,7 +9,7 @@ import importlib
 # Imported on first use, so that reading data (peftkit.train.data, which peftkit.tasks needs) does not
 # pull in the jobs, which need the built-in models and tasks: no import cycle.
 _HOMES = {"JobResult": "job", "evaluate_run": "job", "load_run": "job", "train_classifier": "job",
-          "TrainingArguments": "loop", "TrainResult": "loop", "train": "loop"}
+          "TrainingArguments": "arguments", "TrainResult": "loop", "train": "loop"}
 
 
 def __getattr__(name: str):

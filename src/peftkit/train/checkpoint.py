@@ -4,7 +4,7 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step-<N>/``::
 
     trainable.safetensors   trainable parameters, keyed by parameter name
     optimizer.pt            optimizer.state_dict()        (torch.save, tensors and plain types only)
-    scheduler.pt            lr scheduler state_dict()     (same)
+    scheduler.pt            lr scheduler state_dict()     (same; not in co-training's, whose schedules are pure)
     scaler.pt               fp16 gradient scaler state    (only with mixed_precision="fp16")
     rng_state_<rank>.pt     torch CPU/CUDA, Python and NumPy RNG states of process <rank>
     state.json              step, epoch, batch within epoch, best metric, history, ...
@@ -13,6 +13,10 @@ Every ``.pt`` file is loaded with ``torch.load(..., weights_only=True)``, so a c
 code. A checkpoint is written into a hidden temporary folder and renamed into place with
 ``os.replace``; ``state.json`` is written last. A ``step-<N>`` folder is therefore always complete,
 and a run killed while saving leaves the previous checkpoints untouched.
+
+Single-task training (peftkit.train.loop) and co-training (peftkit.train.cotrain, where a step is a
+forward pass, the trainable tensors are the stacked adapter slots and the optimizer is SlotAdamW)
+write and read this one format through these functions.
 """
 
 from __future__ import annotations
@@ -83,8 +87,13 @@ def load_trainable_into(model: torch.nn.Module, path: str | os.PathLike) -> None
 
     Raises PeftkitError, naming the tensor, when the names or shapes differ from the model's.
     """
+    load_tensors_into(trainable_parameters(model), path)
+
+
+def load_tensors_into(params: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy the tensors saved at ``path`` into ``params`` (name -> tensor), in place; the file must hold
+    exactly these names with these shapes (PeftkitError naming the first that differs)."""
     path = Path(path)
-    params = trainable_parameters(model)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         saved_names = set(handle.keys())
         missing = [name for name in params if name not in saved_names]
@@ -270,7 +279,7 @@ def finish_checkpoint(
     step: int,
     trainable: Mapping[str, torch.Tensor],
     optimizer_state: dict,
-    scheduler_state: dict,
+    scheduler_state: dict | None,
     scaler_state: dict | None,
     state: dict,
     keep: int,
@@ -278,10 +287,13 @@ def finish_checkpoint(
     """Write the shared files into ``temporary``, rename it to ``step-<step>`` and prune old ones.
 
     Called by the main process only, after every process wrote its RNG state into ``temporary``.
+    ``scheduler_state`` None: the run has no scheduler object (co-training's schedules are functions of
+    each task's step count, which ``state`` holds).
     """
     save_file(_to_saveable(trainable), str(temporary / TRAINABLE_FILENAME))
     torch.save(optimizer_state, temporary / OPTIMIZER_FILENAME)
-    torch.save(scheduler_state, temporary / SCHEDULER_FILENAME)
+    if scheduler_state is not None:
+        torch.save(scheduler_state, temporary / SCHEDULER_FILENAME)
     if scaler_state is not None:
         torch.save(scaler_state, temporary / SCALER_FILENAME)
     with open(temporary / STATE_FILENAME, "w", encoding="utf-8") as handle:
@@ -308,8 +320,13 @@ def finish_checkpoint(
 
 
 def read_state(checkpoint: Path) -> dict:
-    with open(checkpoint / STATE_FILENAME, encoding="utf-8") as handle:
-        return json.load(handle)
+    path = checkpoint / STATE_FILENAME
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise PeftkitError(f"{path} is not valid JSON ({error}); the checkpoint is damaged: resume from another "
+                           "step-N folder, or start afresh in another output_dir") from None
 
 
 def load_torch_file(path: Path) -> Any:

@@ -19,9 +19,14 @@ early leaves the passes (saving its compute) and its slot is no longer updated.
 
 Files under `output_dir`: `<task>/` per task (its best adapter in the peft layout plus
 `peftkit_run.json`, so `peftkit eval <output_dir>/<task>` and `peftkit predict` use it as they use the
-adapter of a single-task run), `metrics.json` (per-task history, steps, wall time) and `checkpoint/`
-(stacked slot tensors, optimizer moments and the RNG state in safetensors, the position and per-task
-state in JSON) to resume an interrupted run exactly where it stopped.
+adapter of a single-task run), `metrics.json` (per-task history, steps, wall time) and
+`checkpoints/step-<passes>/`, in the single-task trainer's format and written by the same functions
+(peftkit.train.checkpoint): the stacked slot tensors, SlotAdamW's state, the RNG state, and the position
+and per-task state in state.json, to resume an interrupted run exactly where it stopped.
+
+Where things live: SlotAdamW and clip_slot_gradients in peftkit.train.slot_optimizer, plan_epoch and
+task_epoch_batches in peftkit.train.batching, CotrainArguments in peftkit.train.arguments (all
+importable from here too).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import dataclasses
 import functools
 import math
 import os
-import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -48,237 +52,31 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.mixed import MixedLoraModel
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES
+from peftkit.train import checkpoint as ckpt
 from peftkit.train import tracking
-from peftkit.train.data import (
-    DEFAULT_VALIDATION_FRACTION,
-    PaddingCollator,
-    length_grouped_order,
-    tokenize_examples,
-)
+from peftkit.train.arguments import CotrainArguments
+from peftkit.train.batching import PaddingCollator, length_grouped_order, plan_epoch, task_epoch_batches, tokenize_examples
+from peftkit.train.data import DEFAULT_VALIDATION_FRACTION
 from peftkit.train.evaluation import close_history_window, evaluate, keep_best
 from peftkit.train.job import RUN_INFO_NAME, default_learning_rate, load_task_with_validation, method_config, model_reference
 from peftkit.train.measure import peak_rss_mb
 from peftkit.train.processes import make_accelerator, process_count
-from peftkit.train.schedule import SCHEDULERS, lr_multiplier, warmup_steps
+from peftkit.train.schedule import lr_multiplier, warmup_steps
+from peftkit.train.slot_optimizer import SlotAdamW, clip_slot_gradients
 
 __all__ = ["CotrainArguments", "CotrainResult", "SlotAdamW", "TaskResult", "clip_slot_gradients", "cotrain_classifiers",
-           "describe", "plan_epoch", "task_epoch_batches", "task_name"]
+           "describe", "length_grouped_order", "plan_epoch", "task_epoch_batches", "task_name", "tokenize_examples"]
 
 METRICS_FILENAME = "metrics.json"
-CHECKPOINT_DIRNAME = "checkpoint"
-_STATE_JSON = "state.json"
-_STATE_FORMAT = 1
-
-
-# --------------------------------------------------------------------------- the per-slot optimizer
-
-
-class SlotAdamW:
-    """AdamW on stacked tensors whose dim 0 is the adapter slot: an independent AdamW per slot.
-
-    torch optimizers take whole Parameters, not slices, so one stacked tensor (slots, ...) cannot have
-    a learning rate, step count or moments per slot there. Here each slot has its own: `step` takes a
-    learning rate per slot and the slots to update; the others keep their values and their moments
-    (no decay of a slot that saw no example). The update of a slot is torch.optim.AdamW's (decoupled
-    weight decay, bias correction by the slot's own step count).
-
-    params: tensors (slots, ...) with .grad; weight decay applies to those with 2+ dimensions per slot
-    (weights, not biases), as the single-task loop does.
-    """
-
-    def __init__(self, params: Sequence[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        self.params = list(params)
-        if not self.params:
-            raise PeftkitError("SlotAdamW needs at least one stacked tensor")
-        self.num_slots = self.params[0].shape[0]
-        for p in self.params:
-            if p.dim() < 2 or p.shape[0] != self.num_slots:
-                raise PeftkitError(f"SlotAdamW: every tensor needs dim 0 = slots ({self.num_slots}); got shape {tuple(p.shape)}")
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros(self.num_slots, dtype=torch.long)  # optimizer steps taken, per slot
-
-    @torch.no_grad()
-    def step(self, learning_rates: Sequence[float] | torch.Tensor, active: Sequence[bool] | torch.Tensor) -> None:
-        """One AdamW step for each slot s with active[s], at learning rate learning_rates[s]."""
-        rates = torch.as_tensor(learning_rates, dtype=torch.float64).tolist()
-        chosen = torch.as_tensor(active, dtype=torch.bool).nonzero().flatten()
-        if len(rates) != self.num_slots or torch.as_tensor(active).numel() != self.num_slots:
-            raise PeftkitError(f"SlotAdamW.step needs one learning rate and one active flag per slot ({self.num_slots})")
-        if chosen.numel() == 0:
-            return
-        beta1, beta2 = self.betas
-        self.steps[chosen] += 1
-        # Per-slot scalars exactly as torch's AdamW computes them (Python floats), then one tensor each.
-        slot_rates = [rates[s] for s in chosen.tolist()]
-        slot_steps = self.steps[chosen].tolist()
-        step_size = [lr / (1 - beta1**n) for lr, n in zip(slot_rates, slot_steps)]
-        correction2_sqrt = [(1 - beta2**n) ** 0.5 for n in slot_steps]
-        decay_factor = [1 - lr * self.weight_decay for lr in slot_rates]
-        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            as_column = lambda values, p=p, shape=shape: torch.tensor(values, dtype=p.dtype, device=p.device).view(shape)  # noqa: E731
-            index = chosen.to(p.device)
-            grad = p.grad.index_select(0, index)
-            value = p.index_select(0, index)
-            if self.weight_decay and p.dim() > 2:
-                value = value * as_column(decay_factor)
-            m = exp_avg.index_select(0, index).lerp_(grad, 1 - beta1)
-            v = exp_avg_sq.index_select(0, index).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / as_column(correction2_sqrt)).add_(self.eps)
-            value = value - as_column(step_size) * (m / denom)
-            exp_avg.index_copy_(0, index, m)
-            exp_avg_sq.index_copy_(0, index, v)
-            p.index_copy_(0, index, value)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Moments and step counts as named tensors (for safetensors)."""
-        tensors = {"steps": self.steps.clone()}
-        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
-            tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"] = m, v
-        return tensors
-
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
-            for key, target in ((f"exp_avg.{i}", m), (f"exp_avg_sq.{i}", v)):
-                if key not in tensors or tensors[key].shape != target.shape:
-                    raise PeftkitError(f"{where}: optimizer state {key} is missing or has another shape; it was written "
-                                       "by a run with other tasks or another model")
-                target.copy_(tensors[key])
-        self.steps.copy_(tensors["steps"])
-
-
-@torch.no_grad()
-def clip_slot_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip each slot's gradient (over all `params`, dim 0 = slot) to norm `max_norm`, as
-    torch.nn.utils.clip_grad_norm_ does for one model. Returns the norms before clipping, (slots,)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads])  # (tensors, slots)
-    norms = torch.linalg.vector_norm(per_tensor, 2, dim=0)
-    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(factor.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype))
-    return norms
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def plan_epoch(task_batches: Mapping[str, Sequence[Sequence[int]]], padded_lengths: Mapping[str, Sequence[int]],
-               seed: int, epoch: int) -> list[dict[str, list[int]]]:
-    """The forward passes of one epoch: a list of {task: batch (example indices)}, at most one batch per task.
-
-    task_batches: each task's batches for this epoch; padded_lengths: each batch's longest example.
-    Batches of the same padded length from different tasks share a pass, so a pass pads no row beyond
-    what its own task's batch would: the passes cost the tokens of the separate runs, in fewer, larger
-    matmuls. The passes are then shuffled with (seed, epoch), which puts each task's batches in a random
-    order, as its single-task run has them.
-    """
-    by_length: dict[int, dict[str, list[list[int]]]] = {}
-    for task, batches in task_batches.items():
-        for batch, length in zip(batches, padded_lengths[task]):
-            by_length.setdefault(int(length), {}).setdefault(task, []).append(list(batch))
-    plan: list[dict[str, list[int]]] = []
-    for length in sorted(by_length):
-        same = by_length[length]
-        for k in range(max(len(batches) for batches in same.values())):
-            plan.append({task: batches[k] for task, batches in same.items() if k < len(batches)})
-    random.Random(f"cotrain plan seed={seed} epoch={epoch}").shuffle(plan)
-    return plan
-
-
-def task_epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A task's batches for `epoch`: exactly those of its single-task run (`length_grouped_order`)."""
-    order = length_grouped_order(lengths, batch_size, seed, epoch)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+CHECKPOINT_DIRNAME = ckpt.CHECKPOINTS_DIRNAME  # checkpoints/step-<passes>/, the single-task trainer's format
+# Where peftkit before the shared format kept co-training's checkpoint (state.json + state-E-P.safetensors);
+# such a folder is refused with a clear message rather than read (see _check_resume).
+LEGACY_CHECKPOINT_DIRNAME = "checkpoint"
+_STATE_FORMAT = 2  # format 1: the legacy layout above
+_STATE_KIND = "cotrain"
 
 
 # --------------------------------------------------------------------------- arguments and results
-
-
-@dataclasses.dataclass
-class CotrainArguments:
-    """How to co-train. Batch sizes are per task: a forward pass holds up to batch_size rows of each task."""
-
-    output_dir: str
-    epochs: float = 2  # passes over each task's data
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    learning_rate: float | Mapping[str, float] = 1e-3  # one for all tasks, or {task: rate}
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    lr_scheduler: str = "linear"  # linear | cosine | constant (after warmup)
-    max_grad_norm: float | None = 1.0  # per adapter
-    evals_per_epoch: int = 1
-    # Early stopping: a task stops after `patience` evaluations in a row without an accuracy gain above
-    # min_delta (None: never); one number for all tasks, or {task: patience}.
-    patience: int | Mapping[str, int | None] | None = None
-    min_delta: float = 0.0
-    save_steps: int | None = 100  # also checkpoint every N forward passes (always after evaluations); None: not
-    resume: bool = False
-    seed: int = 0
-    progress: bool = True
-    # Experiment tracking through Accelerate, as TrainingArguments.report_to: each task's metrics are
-    # logged under its name ("sst2/train/loss" at that adapter's step), the run's under "train/".
-    report_to: str | list[str] = "none"
-
-    def validate(self, tasks: Sequence[str]) -> None:
-        def positive_int(name: str, value, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PeftkitError(f"CotrainArguments.{name} must be a whole number >= 1, got {value!r}")
-
-        if not self.output_dir:
-            raise PeftkitError("CotrainArguments.output_dir is empty; name a folder for the adapters and metrics")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
-            raise PeftkitError(f"CotrainArguments.epochs must be > 0, got {self.epochs!r}")
-        positive_int("batch_size", self.batch_size)
-        positive_int("eval_batch_size", self.eval_batch_size)
-        positive_int("evals_per_epoch", self.evals_per_epoch)
-        positive_int("save_steps", self.save_steps, allow_none=True)
-        for task, rate in self._per_task(self.learning_rate, tasks, "learning_rate").items():
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-                raise PeftkitError(f"CotrainArguments.learning_rate for {task!r} must be > 0, got {rate!r}")
-        for task, patience in self._per_task(self.patience, tasks, "patience").items():
-            if patience is not None:
-                positive_int(f"patience ({task})", patience)
-        if self.weight_decay < 0:
-            raise PeftkitError(f"CotrainArguments.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise PeftkitError(f"CotrainArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise PeftkitError(f"CotrainArguments.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise PeftkitError(f"CotrainArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
-        if self.min_delta < 0:
-            raise PeftkitError(f"CotrainArguments.min_delta must be >= 0, got {self.min_delta!r}")
-        tracking.check_installed(tracking.trackers_of(self.report_to))
-
-    @staticmethod
-    def _per_task(value, tasks: Sequence[str], field: str) -> dict[str, Any]:
-        if not isinstance(value, Mapping):
-            return {task: value for task in tasks}
-        unknown = sorted(set(value) - set(tasks))
-        if unknown:
-            raise PeftkitError(f"CotrainArguments.{field} names {unknown}, which are not among the tasks ({', '.join(tasks)})")
-        missing = sorted(set(tasks) - set(value))
-        if field == "learning_rate" and missing:
-            raise PeftkitError(f"CotrainArguments.learning_rate gives no rate for {missing}; give one for every task")
-        return {task: value.get(task) for task in tasks}
-
-    def for_task(self, field: str, task: str, tasks: Sequence[str]):
-        return self._per_task(getattr(self, field), tasks, field)[task]
 
 
 @dataclasses.dataclass
@@ -409,7 +207,7 @@ def cotrain_classifiers(
         raise PeftkitError("co-training trains LoRA adapters only (mixed batches hold plain LoRA); use --method lora")
     arguments = _cotrain_arguments(output_dir, names, training, seed)
     output_dir = Path(output_dir)
-    _check_resume(output_dir / CHECKPOINT_DIRNAME, arguments.resume)
+    _check_resume(output_dir, arguments.resume)
 
     loaded, holdouts = [], []
     for spec in specs:
@@ -457,7 +255,7 @@ def _task_names(specs: list[str]) -> list[str]:
                            "once, and rename files or folders that share a name")
     for name in names:
         io.check_adapter_name(name)
-        if name in (CHECKPOINT_DIRNAME, METRICS_FILENAME):
+        if name in (CHECKPOINT_DIRNAME, LEGACY_CHECKPOINT_DIRNAME, METRICS_FILENAME):
             raise PeftkitError(f"a task may not be named {name!r}: that name is taken by the run's own files; rename it")
     return names
 
@@ -474,13 +272,21 @@ def _cotrain_arguments(output_dir, names: list[str], training: Mapping[str, Any]
     return arguments
 
 
-def _check_resume(checkpoint: Path, resume: bool) -> None:
-    """A checkpoint is there exactly when resuming."""
-    if not resume and (checkpoint / _STATE_JSON).is_file():
-        raise PeftkitError(f"{checkpoint} holds the checkpoint of an earlier run. Pass resume=True (peftkit train --resume) to "
-                           "continue it, or use another output directory (or delete that folder) to start afresh.")
-    if resume and not (checkpoint / _STATE_JSON).is_file():
-        raise PeftkitError(f"nothing to resume: {checkpoint} holds no checkpoint; start without --resume")
+def _check_resume(output_dir: Path, resume: bool) -> None:
+    """A checkpoint is there exactly when resuming; one in the legacy layout is named and refused."""
+    legacy = output_dir / LEGACY_CHECKPOINT_DIRNAME
+    if (legacy / ckpt.STATE_FILENAME).is_file():
+        raise PeftkitError(f"{legacy} holds a co-training checkpoint in the layout of an earlier peftkit version, which this "
+                           f"version cannot resume (it now writes {CHECKPOINT_DIRNAME}/step-N/, as single-task training does). "
+                           "Finish that run with the version that started it, or start afresh in another output directory "
+                           "(or delete that folder).")
+    checkpoints = ckpt.checkpoints_dir(output_dir)
+    found = ckpt.latest_checkpoint(checkpoints)
+    if not resume and found is not None:
+        raise PeftkitError(f"{checkpoints} holds the checkpoint of an earlier run. Pass resume=True (peftkit train --resume) "
+                           "to continue it, or use another output directory (or delete that folder) to start afresh.")
+    if resume and found is None:
+        raise PeftkitError(f"nothing to resume: {checkpoints} holds no checkpoint; start without --resume")
 
 
 def _mixed_model(base: torch.nn.Module, lora_config: LoraConfig, capacity: int, max_labels: int) -> MixedLoraModel:
@@ -535,6 +341,7 @@ class _Cotrainer:
             torch.manual_seed(args.seed)  # dropout in the base model, as the single-task loop seeds it
         self.mixed.train()
         plans = [self._plan(e) for e in range(self.epochs)]
+        self.plan_lengths = [len(p) for p in plans]
         total_passes = sum(len(p) for p in plans)
         done_passes = sum(len(p) for p in plans[:self.epoch]) + self.pass_in_epoch
         if resumed_from is not None:
@@ -706,52 +513,43 @@ class _Cotrainer:
 
     def _named_slot_tensors(self) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in self.mixed.named_parameters()}
-        return {f"param.{names[id(p)]}": p for p in self.params}
+        return {names[id(p)]: p for p in self.params}
 
     def _geometry(self) -> dict[str, Any]:
         return {"tasks": self.names, "train_examples": [len(t.train) for t in self.tasks],
                 "batch_size": self.args.batch_size, "seed": self.args.seed, "epochs": self.args.epochs}
 
     def _save_checkpoint(self) -> None:
-        """Tensors first (a new file), then state.json naming it: the JSON is the commit point."""
-        folder = self.output_dir / CHECKPOINT_DIRNAME
-        passes = self.epoch * max(t.batches_per_epoch for t in self.tasks) + self.pass_in_epoch
-        tensors_name = f"state-{self.epoch}-{self.pass_in_epoch}.safetensors"
-        tensors = {**self._named_slot_tensors(), **{f"optimizer.{k}": v for k, v in self.optimizer.state_tensors().items()},
-                   "rng.torch": torch.get_rng_state()}
-        io.write_tensors(folder / tensors_name, tensors)
-        io.write_json(folder / _STATE_JSON, {
-            "format": _STATE_FORMAT, "tensors": tensors_name, "geometry": self._geometry(), "passes_done": passes,
-            "epoch": self.epoch, "pass_in_epoch": self.pass_in_epoch,
-            "tasks": {n: dataclasses.asdict(s) for n, s in self.states.items()},
-        })
-        for old in folder.glob("state-*.safetensors"):
-            if old.name != tensors_name:
-                old.unlink(missing_ok=True)
+        """A checkpoint in the trainer's format (peftkit.train.checkpoint), at step = forward passes done:
+        the stacked slot tensors as the trainable tensors, SlotAdamW's moments and step counts as the
+        optimizer state, the RNG state, and the position and per-task state in state.json."""
+        root = ckpt.checkpoints_dir(self.output_dir)
+        passes = sum(self.plan_lengths[:self.epoch]) + self.pass_in_epoch
+        temporary = ckpt.prepare_temporary_dir(root, passes)
+        ckpt.write_process_rng(temporary, rank=0)
+        ckpt.finish_checkpoint(
+            temporary, step=passes, trainable=self._named_slot_tensors(), optimizer_state=self.optimizer.state_tensors(),
+            scheduler_state=None, scaler_state=None, keep=1,
+            state={"format": _STATE_FORMAT, "kind": _STATE_KIND, "geometry": self._geometry(), "passes_done": passes,
+                   "epoch": self.epoch, "pass_in_epoch": self.pass_in_epoch,
+                   "tasks": {n: dataclasses.asdict(s) for n, s in self.states.items()}},
+        )
 
     def _load_checkpoint(self) -> Path:
-        import json
-
-        folder = self.output_dir / CHECKPOINT_DIRNAME
-        try:
-            saved = json.loads((folder / _STATE_JSON).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise PeftkitError(f"{folder / _STATE_JSON} is not valid JSON ({error}); start afresh in another folder") from None
-        if saved.get("format") != _STATE_FORMAT:
-            raise PeftkitError(f"{folder} was written by another version of co-training (format {saved.get('format')})")
+        root = ckpt.checkpoints_dir(self.output_dir)
+        ckpt.remove_temporary_folders(root)
+        folder = ckpt.resolve_resume_checkpoint(True, self.output_dir)
+        saved = ckpt.read_state(folder)
+        if saved.get("kind") != _STATE_KIND or saved.get("format") != _STATE_FORMAT:
+            raise PeftkitError(f"{folder} is not a checkpoint of this version's co-training (kind {saved.get('kind')!r}, format "
+                               f"{saved.get('format')}); resume it with the command that wrote it, or start afresh")
         for key, value in self._geometry().items():
             if saved["geometry"].get(key) != value:
                 raise PeftkitError(f"cannot resume {folder}: it was trained with {key}={saved['geometry'].get(key)}, this run has "
                                    f"{value}; resume with the same tasks, data, batch size, epochs and seed")
-        tensors = io.read_tensors(folder / saved["tensors"])
-        with torch.no_grad():
-            for key, p in self._named_slot_tensors().items():
-                if key not in tensors or tensors[key].shape != p.shape:
-                    raise PeftkitError(f"cannot resume {folder}: {key} is missing or has another shape (another model or LoRA config)")
-                p.copy_(tensors[key])
-        self.optimizer.load_state_tensors({k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
-                                          str(folder))
-        torch.set_rng_state(tensors["rng.torch"])
+        ckpt.load_tensors_into(self._named_slot_tensors(), folder / ckpt.TRAINABLE_FILENAME)
+        self.optimizer.load_state_tensors(ckpt.load_torch_file(folder / ckpt.OPTIMIZER_FILENAME), str(folder))
+        ckpt.restore_rng_state(ckpt.load_torch_file(folder / ckpt.rng_filename(0)))
         self.states = {n: _TaskState(**s) for n, s in saved["tasks"].items()}
         self.epoch, self.pass_in_epoch = saved["epoch"], saved["pass_in_epoch"]
         return folder

@@ -1,4 +1,4 @@
-"""Text classification data: reading it into examples, tokenizing it, and batching it.
+"""Text classification data: reading it from disk into examples, and holding out a validation split.
 
 Reading. A task is a name, its label names, and up to three splits (train, validation, test) of
 `Example(text, label)`. `load_task_path` reads one from disk in any of these forms:
@@ -13,9 +13,8 @@ there is one; otherwise integer labels name themselves ("0", "1", ...) and strin
 in sorted order of the names found in the train split. Every problem is reported with the file and
 line (or the split and row) where it is, in a `PeftkitError`.
 
-Batching. `tokenize_examples` turns examples into unpadded token id lists, `PaddingCollator` pads a
-batch of them to its longest member, and `length_grouped_order` orders examples so that a batch holds
-texts of similar length, which keeps padding (wasted compute) low.
+Tokenizing and batching the examples is peftkit.train.batching's (its names are importable from
+here too).
 """
 
 from __future__ import annotations
@@ -31,9 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from peftkit.errors import PeftkitError
+from peftkit.train.batching import PaddingCollator, length_grouped_order, tokenize_examples
+
+__all__ = ["ACCEPTED_DATA_FORMS", "DEFAULT_VALIDATION_FRACTION", "Example", "PaddingCollator", "TaskData",
+           "describe_holdout", "hold_out_validation", "length_grouped_order", "load_task_files", "load_task_path",
+           "read_label_names", "tokenize_examples", "with_validation"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -555,103 +557,3 @@ def describe_holdout(task: str, holdout: dict) -> str:
     return (f"validation: {task} has no validation split, so {holdout['examples']} examples "
             f"({100 * holdout['fraction']:g}% of its training examples, stratified by label, seed {holdout['seed']}) "
             "are held out for it; --validation-fraction 0 trains on all of them")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizing and batching
-
-
-def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 128) -> list[dict]:
-    """Tokenizes examples without padding, cutting texts to `max_length` tokens.
-
-    Returns one dict per example: "input_ids" and "attention_mask" (lists of ints, same length,
-    at most `max_length`), "token_type_ids" too where the tokenizer makes them, and "labels" (an int).
-    """
-    if not examples:
-        return []
-    # One call for all texts lets a fast (Rust) tokenizer work through them in bulk.
-    encoded = tokenizer([example.text for example in examples], truncation=True, max_length=max_length)
-    keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
-    columns = [encoded[key] for key in keys]
-    return [
-        {**{key: column[i] for key, column in zip(keys, columns)}, "labels": example.label}
-        for i, example in enumerate(examples)
-    ]
-
-
-class PaddingCollator:
-    """Pads a batch of `tokenize_examples` dicts to its longest member and makes tensors of it.
-
-    Holds only the tokenizer's padding settings (not the tokenizer), so it pickles cheaply into
-    DataLoader worker processes.
-    """
-
-    def __init__(self, tokenizer):
-        if tokenizer.pad_token_id is None:
-            raise PeftkitError(
-                f"the tokenizer {type(tokenizer).__name__} has no padding token; "
-                f"set one first, e.g. tokenizer.pad_token = tokenizer.eos_token"
-            )
-        self.pad_token_id = int(tokenizer.pad_token_id)
-        self.pad_token_type_id = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
-        self.pad_on_left = getattr(tokenizer, "padding_side", "right") == "left"
-
-    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        """Returns "input_ids" and "attention_mask" (long, [batch, longest]), "token_type_ids"
-        (same shape) where the features have them, and "labels" (long, [batch]) where they have them."""
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        longest = max(len(feature["input_ids"]) for feature in features)
-        pad_values = {
-            "input_ids": self.pad_token_id,
-            "attention_mask": 0,
-            "token_type_ids": self.pad_token_type_id,
-        }
-        batch: dict[str, torch.Tensor] = {}
-        for key, pad_value in pad_values.items():
-            if key not in features[0]:
-                continue
-            rows = []
-            for feature in features:
-                values = list(feature[key])
-                padding = [pad_value] * (longest - len(values))
-                rows.append(padding + values if self.pad_on_left else values + padding)
-            batch[key] = torch.tensor(rows, dtype=torch.long)
-        if "labels" in features[0]:
-            batch["labels"] = torch.tensor([int(feature["labels"]) for feature in features], dtype=torch.long)
-        return batch
-
-
-def length_grouped_order(
-    lengths: Sequence[int],
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    batches_per_chunk: int = 50,
-) -> list[int]:
-    """A shuffled order of range(len(lengths)) in which each run of `batch_size` holds similar lengths.
-
-    Shuffles all indices, sorts each chunk of `batches_per_chunk * batch_size` of them by length
-    (longest first), cuts the chunks into batches and shuffles the batches. The one short batch,
-    where len(lengths) is not a multiple of batch_size, goes last, so that cutting the returned order
-    into consecutive runs of `batch_size` gives exactly these batches. The same (seed, epoch) always
-    gives the same order; no global random state is read or changed.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if batches_per_chunk < 1:
-        raise ValueError(f"batches_per_chunk must be at least 1, got {batches_per_chunk}")
-    # A string seed is hashed with SHA-512 by random.Random, so it is stable across runs and platforms.
-    rng = random.Random(f"length_grouped_order seed={seed} epoch={epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    chunk_size = batches_per_chunk * batch_size
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk_size):
-        chunk = sorted(order[start : start + chunk_size], key=lambda index: lengths[index], reverse=True)
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    short_batch = batches.pop() if batches and len(batches[-1]) < batch_size else None
-    rng.shuffle(batches)
-    if short_batch is not None:
-        batches.append(short_batch)
-    return [index for batch in batches for index in batch]

@@ -26,13 +26,14 @@ Stages. ``Trainer`` runs one training in named stages: ``plan`` (steps, schedule
 order of an epoch is ``epoch_order``), ``start`` (fresh or resumed position), ``build_optimizer``,
 ``step`` (forward, backward, optimizer), ``count_step``, ``evaluate``, ``record`` / ``keep_best``,
 ``save_checkpoint`` and ``finish``. Evaluation and the keep-best rule live in peftkit.train.evaluation,
-which co-training shares.
+and the checkpoint format in peftkit.train.checkpoint, which co-training shares. ``TrainingArguments``
+lives in peftkit.train.arguments, ``StepPlan`` in peftkit.train.schedule and ``gradient_checkpointing``
+in its own module; all three are importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import time
 import warnings
@@ -50,6 +51,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io import write_json, write_tensors
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import tracking
+from peftkit.train.arguments import TrainingArguments
 from peftkit.train.evaluation import (
     EVAL_METRICS,
     close_history_window,
@@ -59,98 +61,17 @@ from peftkit.train.evaluation import (
     loss_of,
     sum_dtype,
 )
+from peftkit.train.gradient_checkpointing import gradient_checkpointing
 from peftkit.train.measure import peak_cuda_memory_mb, peak_rss_mb
 from peftkit.train.processes import make_accelerator, process_slice
-from peftkit.train.schedule import SCHEDULERS, lr_multiplier, warmup_steps
+from peftkit.train.schedule import StepPlan, lr_multiplier, warmup_steps
+
+__all__ = ["BEST_DIRNAME", "METRICS_FILENAME", "StepPlan", "TrainResult", "Trainer", "TrainingArguments",
+           "gradient_checkpointing", "train"]
 
 BEST_DIRNAME = "best"
 METRICS_FILENAME = "metrics.json"
-_PRECISIONS = ("no", "bf16", "fp16")
 _STATE_FORMAT = 1
-
-
-@dataclass
-class TrainingArguments:
-    """How to train. Batch sizes are per process; a step sees ``batch_size * processes * accumulation``."""
-
-    output_dir: str
-    epochs: float = 3
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    # A time budget: stop after the optimizer step that brings this invocation's training time (steps
-    # only, evaluation and saving excluded) to max_time_s, then evaluate and save as at a normal end.
-    # The learning-rate schedule still spans epochs / max_steps, so a cut run ends before its decay does.
-    max_time_s: float | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0  # AdamW decay, on parameters with 2+ dimensions (not biases, norms)
-    warmup_ratio: float = 0.06  # share of the steps with linear warmup
-    lr_scheduler: str = "linear"  # linear | cosine | constant (after warmup)
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate's autocast)
-    seed: int = 0
-    eval_every_epoch: bool = True
-    eval_steps: int | None = None  # also evaluate every N optimizer steps
-    save_steps: int | None = None  # checkpoint every N optimizer steps (and always at epoch ends)
-    keep_checkpoints: int = 2
-    metric_for_best: str = "accuracy"  # a key of the eval metrics: "accuracy" or "loss"
-    greater_is_better: bool = True
-    resume: bool | str = False  # True: newest checkpoint in output_dir/checkpoints; or a path
-    progress: bool = True
-    # Recompute each layer's activations in the backward pass instead of keeping them: less memory,
-    # about a third more compute. Needs a transformers model that supports it (the base of a PeftModel).
-    gradient_checkpointing: bool = False
-    # Experiment tracking through Accelerate: "none", "tensorboard", "mlflow", "wandb" or several,
-    # comma-separated. Logs go under output_dir (peftkit.train.tracking says where).
-    report_to: str | list[str] = "none"
-
-    def validate(self) -> None:
-        """Raise PeftkitError naming the first field that cannot work."""
-
-        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PeftkitError(f"TrainingArguments.{name} must be a whole number >= 1, got {value!r}")
-
-        if not self.output_dir:
-            raise PeftkitError("TrainingArguments.output_dir is empty; name a folder for checkpoints and metrics")
-        if self.max_steps is None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise PeftkitError(f"TrainingArguments.epochs must be > 0 (or set max_steps), got {self.epochs!r}")
-        positive_int("max_steps", self.max_steps, allow_none=True)
-        if self.max_time_s is not None and (isinstance(self.max_time_s, bool) or not self.max_time_s > 0):
-            raise PeftkitError(f"TrainingArguments.max_time_s must be > 0 seconds (or None: no time budget), got {self.max_time_s!r}")
-        positive_int("batch_size", self.batch_size)
-        positive_int("eval_batch_size", self.eval_batch_size)
-        positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        positive_int("eval_steps", self.eval_steps, allow_none=True)
-        positive_int("save_steps", self.save_steps, allow_none=True)
-        positive_int("keep_checkpoints", self.keep_checkpoints)
-        if not self.learning_rate > 0:
-            raise PeftkitError(f"TrainingArguments.learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.weight_decay < 0:
-            raise PeftkitError(f"TrainingArguments.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise PeftkitError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise PeftkitError(
-                f"TrainingArguments.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"
-            )
-        if self.mixed_precision not in _PRECISIONS:
-            raise PeftkitError(
-                f"TrainingArguments.mixed_precision must be one of {', '.join(_PRECISIONS)}, "
-                f"got {self.mixed_precision!r}"
-            )
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise PeftkitError(
-                f"TrainingArguments.gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}"
-            )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise PeftkitError(
-                f"TrainingArguments.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}"
-            )
-        tracking.check_installed(tracking.trackers_of(self.report_to))
 
 
 @dataclass
@@ -203,33 +124,6 @@ class _Progress:
     last_eval: dict[str, float] | None = None
     last_eval_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How many examples, batches and steps a run has; fixed by the data, the arguments and the process count."""
-
-    global_batch: int  # examples of one global batch: batch_size x processes
-    batches_per_epoch: int  # global batches
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int
-    geometry: dict[str, int]  # what a resumed run must share with the run it continues
-
-    @classmethod
-    def of(cls, num_examples: int, args: TrainingArguments, world: int) -> StepPlan:
-        global_batch = args.batch_size * world
-        batches_per_epoch = math.ceil(num_examples / global_batch)
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        if args.max_steps is not None:
-            total_steps = args.max_steps
-        else:
-            total_steps = max(1, math.ceil(args.epochs * steps_per_epoch - 1e-9))
-        geometry = {
-            "examples_per_global_batch": global_batch,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_train_examples": num_examples,
-        }
-        return cls(global_batch, batches_per_epoch, steps_per_epoch, total_steps, geometry)
 
 
 def train(
@@ -642,63 +536,6 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model: torch.nn.Module, enabled: bool):
-    """Gradient checkpointing on the transformers model in ``model`` (itself, or a PeftModel's base) while inside.
-
-    Checkpointing is switched on with ``use_reentrant=False``: the reentrant form computes no
-    gradient through a checkpointed block whose inputs do not require grad, which is every block of
-    a frozen base ("element 0 of tensors does not require grad", or LoRA weights that silently never
-    train). ``config.use_cache`` is off meanwhile, as a key/value cache is useless in training and
-    transformers would switch it off with a warning. Both are restored on the way out.
-    """
-    if not enabled:
-        yield
-        return
-    from transformers import PreTrainedModel
-
-    target = model
-    for _ in range(4):  # a PeftModel, possibly inside another wrapper, keeps the base as .base_model
-        inner = getattr(target, "base_model", None)
-        if isinstance(target, PreTrainedModel) or not isinstance(inner, torch.nn.Module) or inner is target:
-            break
-        target = inner
-    if not isinstance(target, PreTrainedModel):
-        raise PeftkitError(
-            f"gradient_checkpointing=True needs a Hugging Face transformers model, but {type(target).__name__} "
-            "is not one; train without gradient checkpointing"
-        )
-    if not target.supports_gradient_checkpointing:
-        raise PeftkitError(
-            f"{type(target).__name__} does not support gradient checkpointing (transformers does not implement it "
-            "for this architecture); train without it"
-        )
-    # transformers 5 renamed gradient_* to activation_checkpointing_*, keeping the old names with a warning.
-    new_names = hasattr(target, "activation_checkpointing_enable")
-    enable = target.activation_checkpointing_enable if new_names else target.gradient_checkpointing_enable
-    disable = target.activation_checkpointing_disable if new_names else target.gradient_checkpointing_disable
-    was_on = target.is_activation_checkpointing if new_names else target.is_gradient_checkpointing
-    had_input_grad_hook = bool(getattr(target, "_require_grads_hook", None))
-    config = getattr(target, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-
-    enable({"use_reentrant": False})
-    # transformers also hooks the input embeddings to make their output require grad, which only the
-    # reentrant form needs; it would make every backward pass run down to the embeddings, even when
-    # only the top layers are adapted, and it would outlive the run.
-    if not had_input_grad_hook and getattr(target, "_require_grads_hook", None) is not None:
-        target.disable_input_require_grads()
-    if use_cache is not None:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if not was_on:
-            disable()
-        if use_cache is not None:
-            config.use_cache = use_cache
 
 
 def _check_geometry(saved: Mapping[str, int], current: Mapping[str, int], where: Path) -> None:

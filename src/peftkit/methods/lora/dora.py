@@ -22,6 +22,26 @@ def remember_base_layer(delta: AdapterDelta, base_layer: nn.Module) -> None:
     object.__setattr__(delta, "_base_layer", base_layer)
 
 
+@torch.no_grad()
+def merge_dora(delta: LoraLinearDelta | LoraConv2dDelta, base_layer: nn.Module, factor: torch.Tensor) -> None:
+    """Merge a DoRA delta into `base_layer`: W <- factor * (W + s B A), with factor = m / ||W + s B A|| (shaped to
+    scale W in its own layout), and the bias change. The factor is kept for unmerge: the norm depends on the
+    weight before merging, which is gone afterwards."""
+    weight = base_layer.weight
+    delta._merged_factor = factor
+    weight.copy_((factor * (weight + delta.delta_weight().to(weight.dtype))).to(weight.dtype))
+    delta.merge_bias(base_layer)
+
+
+@torch.no_grad()
+def unmerge_dora(delta: LoraLinearDelta | LoraConv2dDelta, base_layer: nn.Module) -> None:
+    """Take a merged DoRA delta out of `base_layer`: divide by the factor kept at merge, subtract the update."""
+    weight = base_layer.weight
+    weight.copy_((weight / delta._merged_factor - delta.delta_weight().to(weight.dtype)).to(weight.dtype))
+    del delta._merged_factor
+    delta.unmerge_bias(base_layer)
+
+
 class DoraLinearDelta(LoraLinearDelta):
     """DoRA on nn.Linear or GPT-2 Conv1D: y = m * (W + s B A) x / ||W + s B A|| + bias.
 
@@ -73,23 +93,11 @@ class DoraLinearDelta(LoraLinearDelta):
 
     @torch.no_grad()
     def merge(self, base_layer, unmerged_weight=None):
-        weight = base_layer.weight
-        reference = weight if unmerged_weight is None else unmerged_weight
-        factor = self.lora_magnitude_vector / self._direction_norm(reference)
-        # Kept for unmerge: the norm depends on the weight before merging, which is gone afterwards.
-        self._merged_factor = self._factor_in_layout(factor)
-        delta = self.delta_weight().to(weight.dtype)
-        weight.copy_((self._merged_factor * (weight + delta)).to(weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
+        reference = base_layer.weight if unmerged_weight is None else unmerged_weight
+        merge_dora(self, base_layer, self._factor_in_layout(self.lora_magnitude_vector / self._direction_norm(reference)))
 
-    @torch.no_grad()
     def unmerge(self, base_layer):
-        weight = base_layer.weight
-        weight.copy_((weight / self._merged_factor - self.delta_weight().to(weight.dtype)).to(weight.dtype))
-        del self._merged_factor
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
+        unmerge_dora(self, base_layer)
 
     def file_tensors(self, base_layer):
         return {**super().file_tensors(base_layer), "lora_magnitude_vector": self.lora_magnitude_vector.detach()}
@@ -140,22 +148,11 @@ class DoraConv2dDelta(LoraConv2dDelta):
 
     @torch.no_grad()
     def merge(self, base_layer, unmerged_weight=None):
-        weight = base_layer.weight
-        reference = weight if unmerged_weight is None else unmerged_weight
-        # Kept for unmerge: the norm depends on the weight before merging, which is gone afterwards.
-        self._merged_factor = (self.lora_magnitude_vector / self._direction_norm(reference)).view(-1, 1, 1, 1)
-        delta = self.delta_weight().to(weight.dtype)
-        weight.copy_((self._merged_factor * (weight + delta)).to(weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias)
+        reference = base_layer.weight if unmerged_weight is None else unmerged_weight
+        merge_dora(self, base_layer, (self.lora_magnitude_vector / self._direction_norm(reference)).view(-1, 1, 1, 1))
 
-    @torch.no_grad()
     def unmerge(self, base_layer):
-        weight = base_layer.weight
-        weight.copy_((weight / self._merged_factor - self.delta_weight().to(weight.dtype)).to(weight.dtype))
-        del self._merged_factor
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias)
+        unmerge_dora(self, base_layer)
 
     def file_tensors(self, base_layer):
         magnitude = self.lora_magnitude_vector.detach().view(1, -1, 1, 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterDelta, check_shape, shadow_parameter
+from peftkit.methods.base import WeightDelta, check_shape
 from peftkit.methods.lora.kernels import (
     FusedLoraLinear,
     base_weight_rows,
@@ -45,7 +45,7 @@ def init_lora_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, init) -> None:
         lora_B.zero_()
 
 
-class LoraLinearDelta(AdapterDelta):
+class LoraLinearDelta(WeightDelta):
     """LoRA on nn.Linear or GPT-2 Conv1D. lora_A: (r, in_features), lora_B: (out_features, r).
 
     On a plain nn.Linear or Conv1D (not PiSSA, not a subclass such as DoRA) the whole layer runs as
@@ -62,9 +62,7 @@ class LoraLinearDelta(AdapterDelta):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.delta_bias = None
-        if train_bias and getattr(base_layer, "bias", None) is not None:
-            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.add_bias_change(base_layer, train_bias)
         self.pissa = init == "pissa"
         self._initialise(init, weight)
         # Fusing needs the layer's own math (plain Linear or Conv1D, nothing overriding it) and plain LoRA.
@@ -126,18 +124,6 @@ class LoraLinearDelta(AdapterDelta):
             delta = delta - (self.start_B @ self.start_A) * self.scaling
         return delta.T if self.transposed else delta
 
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias.to(base_layer.bias.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias.to(base_layer.bias.dtype))
-
     def file_tensors(self, base_layer):
         if self.pissa:  # the plain rank-2r LoRA with the same update on the original base
             a = torch.cat([self.lora_A, self.start_A])
@@ -145,9 +131,7 @@ class LoraLinearDelta(AdapterDelta):
         else:
             a, b = self.lora_A, self.lora_B
         tensors = {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
-        if self.delta_bias is not None:
-            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
-        return tensors
+        return tensors | self.bias_file_tensors(base_layer)
 
     @torch.no_grad()
     def _assign_file_tensors(self, tensors, base_layer):
@@ -159,8 +143,7 @@ class LoraLinearDelta(AdapterDelta):
             self.start_B.copy_(start_b)
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
-        if self.delta_bias is not None:
-            self.delta_bias.copy_(tensors["base_layer.bias"].to(self.delta_bias) - base_layer.bias)
+        self.assign_bias_file_tensor(tensors, base_layer)
 
     def load_file_tensors(self, tensors, base_layer, where):
         expected = self.file_tensors(base_layer)
@@ -169,7 +152,7 @@ class LoraLinearDelta(AdapterDelta):
         self._assign_file_tensors(tensors, base_layer)
 
 
-class LoraConv2dDelta(AdapterDelta):
+class LoraConv2dDelta(WeightDelta):
     """LoRA on nn.Conv2d: lora_A is a conv with the base kernel (r, in, kh, kw), lora_B a 1x1 conv (out, r, 1, 1)."""
 
     def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float, init, train_bias: bool):
@@ -183,9 +166,7 @@ class LoraConv2dDelta(AdapterDelta):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.stride, self.padding, self.dilation = base_layer.stride, base_layer.padding, base_layer.dilation
         self.padding_mode = base_layer.padding_mode
-        self.delta_bias = None
-        if train_bias and base_layer.bias is not None:
-            self.delta_bias = shadow_parameter(torch.zeros_like(base_layer.bias))
+        self.add_bias_change(base_layer, train_bias)
         if not (init is True or init is False or init == "gaussian"):
             raise PeftkitError(f"init_lora_weights={init!r} is supported on Linear layers only, not Conv2d")
         init_lora_factors(self.lora_A, self.lora_B, init)
@@ -212,33 +193,18 @@ class LoraConv2dDelta(AdapterDelta):
         out_channels = self.lora_B.shape[0]
         return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(out_channels, *self.lora_A.shape[1:]) * self.scaling
 
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.add_(self.delta_bias)
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
-        if self.delta_bias is not None:
-            base_layer.bias.sub_(self.delta_bias)
-
     def file_tensors(self, base_layer):
         tensors = {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
-        if self.delta_bias is not None:
-            tensors["base_layer.bias"] = (base_layer.bias + self.delta_bias).detach()
-        return tensors
+        return tensors | self.bias_file_tensors(base_layer)
 
     @torch.no_grad()
     def _assign_file_tensors(self, tensors, base_layer):
         self.lora_A.copy_(tensors["lora_A.weight"])
         self.lora_B.copy_(tensors["lora_B.weight"])
-        if self.delta_bias is not None:
-            self.delta_bias.copy_(tensors["base_layer.bias"] - base_layer.bias)
+        self.assign_bias_file_tensor(tensors, base_layer)
 
 
-class LoraEmbeddingDelta(AdapterDelta):
+class LoraEmbeddingDelta(WeightDelta):
     """LoRA on nn.Embedding: lora_embedding_A (r, num_embeddings), lora_embedding_B (embedding_dim, r).
 
     As in `peft`, A starts at zero and B is random, and no dropout is applied to token ids.
@@ -271,14 +237,6 @@ class LoraEmbeddingDelta(AdapterDelta):
     def delta_weight(self) -> torch.Tensor:
         """s * (B A)^T in the embedding table's layout (num_embeddings, embedding_dim)."""
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
-
-    @torch.no_grad()
-    def merge(self, base_layer):
-        base_layer.weight.add_(self.delta_weight().to(base_layer.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base_layer):
-        base_layer.weight.sub_(self.delta_weight().to(base_layer.weight.dtype))
 
     def file_tensors(self, base_layer):
         return {"lora_embedding_A": self.lora_embedding_A.detach(), "lora_embedding_B": self.lora_embedding_B.detach()}
