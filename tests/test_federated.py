@@ -273,3 +273,21 @@ def test_the_apps_run_as_flower_superlink_and_supernode_processes(tiny_folder, t
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_the_command_checks_its_options_and_writes_the_flower_app(tiny_folder, tiny_task, tmp_path, capsys):
+    from peftkit.cli import main
+
+    assert main(["federate", "--partition", "pathological", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--partition must be 'iid' or 'dirichlet:ALPHA'" in capsys.readouterr().err
+    assert main(["federate", "--method", "bitfit", "--aggregate", "frozen-a"]) == 2
+    assert "frozen-a freezes LoRA's A" in capsys.readouterr().err
+    app = tmp_path / "app"
+    assert main(["federate", "--model", str(tiny_folder), "--task", str(tiny_task), "--set", "r=2", "--clients", "2",
+                 "--dp-noise", "0.3", "--write-app", str(app)]) == 0
+    text = (app / "pyproject.toml").read_text()
+    assert 'clientapp = "peftkit.federated.apps:client_app"' in text and "dp-noise-multiplier = 0.3" in text
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    settings = FederationSettings.from_run_config(config)
+    assert settings.clients == 2 and settings.method_options == {"r": 2} and settings.dp_noise_multiplier == 0.3
