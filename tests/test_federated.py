@@ -196,11 +196,12 @@ def test_a_hanging_client_is_dropped_at_the_timeout_and_a_dead_server_resumes(ti
     monkeypatch.setattr(rounds, "write_checkpoint", original)
     with pytest.raises(PeftkitError, match="pass --resume"):
         simulation.simulate(settings)
-    resumed = simulation.simulate(FederationSettings(**{**settings.__dict__, "resume": True, "inject_fault": ""}))
+    # The restart starts the simulation's workers cold: a generous timeout, so that a busy machine does not drop them.
+    resumed = simulation.simulate(FederationSettings(**{**settings.__dict__, "resume": True, "inject_fault": "",
+                                                        "round_timeout_s": 600}))
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][1]["failures"] == 1  # the history from before is kept, round 3 ran after the restart
-    # (round 3 restarts the simulation's workers cold: on a busy machine one may miss the timeout, and is then dropped)
-    assert resumed["rounds"][2]["aggregated"] and resumed["rounds"][2]["trained"] + resumed["rounds"][2]["failures"] == 3
+    assert resumed["rounds"][2]["aggregated"] and resumed["rounds"][2]["trained"] == 3
 
 
 # --------------------------------------------------------------------------- separate Flower processes
