@@ -3,6 +3,16 @@
     python benchmarks/serve_load.py                                   # ~3 minutes
     python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
     python benchmarks/serve_load.py --phase-s 10 --rounds 2           # quicker
+    python benchmarks/serve_load.py --scale 1000 --json benchmarks/results/serve_scale.json   # 1,000 adapters
+
+--scale N measures something else: N adapters against 16, each case in its own default `peftkit serve`
+(mixed batching, 16 slots, --cache-bytes 256 MiB): 16 adapters (r=8 all-linear, as above) with uniform
+popularity; N adapters of mixed ranks (4, 8, 16) and targets (q+v, q+k+v, FFN-in, all-linear) with
+uniform popularity; the same N with Zipf(--zipf) popularity (ranks shuffled). Same clients, interleaved
+phases. Reported besides throughput and latency: the adapter cache's hit rates over the timed phases
+(slot hits, and slot-or-memory hits, per adapter use in a batch), disk loads, the cache's memory
+against its budget, and each server's resident memory (now and peak). Targets: 0 failed requests,
+N-adapter Zipf requests/s >= 0.8 x the 16-adapter figure, cache memory within the budget.
 
 What runs. Three `peftkit serve --model minilm` processes on free loopback ports, started exactly as
 a user starts them (the `peftkit` command, `--no-access-log`), differing only in how they batch:
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import random
@@ -117,8 +128,9 @@ async def wait_healthy(client, url: str, process: subprocess.Popen, timeout: flo
 
 
 async def drive(url: str, names: list[str], texts: list[str], clients: int, seconds: float, seed: int,
-                request_budget: int | None) -> dict:
-    """`clients` workers send /v1/classify for `seconds`; returns statuses and latencies."""
+                request_budget: int | None, weights: list[float] | None = None) -> dict:
+    """`clients` workers send /v1/classify for `seconds` (adapters drawn uniformly, or by `weights`);
+    returns statuses and latencies."""
     import httpx
 
     rng = random.Random(seed)
@@ -131,7 +143,8 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, seco
         async def worker():
             while time.perf_counter() < deadline and (request_budget is None or issued[0] < request_budget):
                 issued[0] += 1
-                body = {"adapter": rng.choice(names), "texts": rng.sample(texts, rng.randint(1, 4))}
+                adapter = rng.choices(names, weights)[0] if weights else rng.choice(names)
+                body = {"adapter": adapter, "texts": rng.sample(texts, rng.randint(1, 4))}
                 sent = time.perf_counter()
                 try:
                     response = await client.post("/v1/classify", json=body)
@@ -167,35 +180,45 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(args, adapters: Path, names: list[str], texts: list[str], workdir: Path) -> dict:
+    cases = {variant: (adapters, names, None, extra) for variant, (_, extra) in VARIANTS.items()}
+    return await measure_cases(args, cases, texts, workdir)
+
+
+async def measure_cases(args, cases: dict, texts: list[str], workdir: Path) -> dict:
+    """Start one server per case (name -> (adapter folder, names, popularity weights or None, extra server
+    arguments)), warm each up, then measure them in interleaved phases."""
     import httpx
 
     processes, urls = {}, {}
     try:
-        for variant, (_, extra) in VARIANTS.items():
+        for case, (adapters, _, _, extra) in cases.items():
             port = free_port()
-            processes[variant] = start_server(adapters, port, extra, args, workdir / f"server-{variant}.log")
-            urls[variant] = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(timeout=10.0) as probe:
-            for variant in VARIANTS:
-                await wait_healthy(probe, urls[variant], processes[variant])
-            for variant in VARIANTS:  # warm-up: loads every adapter, fills caches; not counted
-                await drive(urls[variant], names, texts, args.clients, args.warmup_s, args.seed, None)
-            before = {v: metric_values((await probe.get(f"{urls[v]}/metrics")).text) for v in VARIANTS}
-            phases = {variant: [] for variant in VARIANTS}
-            budget = args.max_requests // (args.rounds * len(VARIANTS)) if args.max_requests else None
+            processes[case] = start_server(adapters, port, extra, args, workdir / f"server-{case}.log")
+            urls[case] = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=30.0) as probe:
+            for case in cases:
+                await wait_healthy(probe, urls[case], processes[case])
+            for case, (_, names, weights, _) in cases.items():  # warm-up: loads adapters, fills caches; not counted
+                await drive(urls[case], names, texts, args.clients, args.warmup_s, args.seed, None, weights)
+            before = {c: metric_values((await probe.get(f"{urls[c]}/metrics")).text) for c in cases}
+            cache_before = {c: (await probe.get(f"{urls[c]}/v1/adapters")).json()["cache"] for c in cases}
+            phases = {case: [] for case in cases}
+            budget = args.max_requests // (args.rounds * len(cases)) if args.max_requests else None
             for round_index in range(args.rounds):
-                order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
-                for variant in order:
-                    phase = await drive(urls[variant], names, texts, args.clients, args.phase_s,
-                                        args.seed + 1 + round_index, budget)
-                    phases[variant].append(phase)
+                order = list(cases) if round_index % 2 == 0 else list(reversed(cases))
+                for case in order:
+                    _, names, weights, _ = cases[case]
+                    phase = await drive(urls[case], names, texts, args.clients, args.phase_s,
+                                        args.seed + 1 + round_index, budget, weights)
+                    phases[case].append(phase)
                     ok = phase["statuses"].get("200", 0)
-                    print(f"round {round_index + 1} {variant:>11}: {ok} ok, {len(phase['latencies']) - ok} failed, "
+                    print(f"round {round_index + 1} {case:>11}: {ok} ok, {len(phase['latencies']) - ok} failed, "
                           f"{ok / phase['seconds']:.1f} req/s, p50 {1000 * percentile(phase['latencies'], 0.5):.0f} ms, "
                           f"load {load_average()}", file=sys.stderr, flush=True)
-            after = {v: metric_values((await probe.get(f"{urls[v]}/metrics")).text) for v in VARIANTS}
-            cache = {v: (await probe.get(f"{urls[v]}/v1/adapters")).json() for v in VARIANTS}
-            health = {v: (await probe.get(f"{urls[v]}/health")).json() for v in VARIANTS}
+            after = {c: metric_values((await probe.get(f"{urls[c]}/metrics")).text) for c in cases}
+            cache = {c: (await probe.get(f"{urls[c]}/v1/adapters")).json() for c in cases}
+            health = {c: (await probe.get(f"{urls[c]}/health")).json() for c in cases}
+            memory = {c: process_memory(processes[c].pid) for c in cases}
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -205,7 +228,17 @@ async def measure(args, adapters: Path, names: list[str], texts: list[str], work
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    return {"phases": phases, "before": before, "after": after, "cache": cache, "health": health}
+    return {"phases": phases, "before": before, "after": after, "cache": cache, "health": health,
+            "cache_before": cache_before, "memory": memory}
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """Resident memory of a process now and at its peak, in bytes (Linux /proc; empty elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return {}
+    return {key: int(fields[name].split()[0]) * 1024 for key, name in (("rss", "VmRSS"), ("peak_rss", "VmHWM")) if name in fields}
 
 
 def summarize(variant: str, measured: dict) -> dict:
@@ -292,6 +325,165 @@ def render(path: Path) -> int:
     return 0
 
 
+# --- --scale: 1,000 adapters of mixed ranks and targets, uniform and Zipf popularity, against 16 -------------
+
+SCALE_RANKS = (4, 8, 16)
+SCALE_TARGETS = {"qv": ["query", "value"], "attention": ["query", "key", "value"], "ffn": ["intermediate.dense"],
+                 "all-linear": "all-linear"}
+
+
+def make_mixed_adapters(folder: Path, count: int, seed: int) -> list[str]:
+    """`count` random LoRA adapters for minilm: rank 4, 8 or 16, targets from SCALE_TARGETS, own head of 2-6 classes.
+
+    One template per (rank, targets) is saved by peftkit (get_peft_model + save_pretrained, the peft layout); every
+    adapter is then that template's file layout and config with its own seeded random values, written by io.
+    """
+    import torch
+
+    from peftkit import get_peft_model, io, zoo
+    from peftkit.methods.lora import LoraConfig
+
+    templates = {}
+    base, _ = zoo.load_classifier("minilm", num_labels=2, seed=seed)
+    for rank in SCALE_RANKS:
+        for target_name, targets in SCALE_TARGETS.items():
+            wrapped = get_peft_model(copy.deepcopy(base), LoraConfig(
+                r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="SEQ_CLS"))
+            template = folder.parent / f".template-{rank}-{target_name}"
+            wrapped.save_pretrained(template)
+            templates[(rank, target_name)] = (json.loads((template / io.CONFIG_NAME).read_text()),
+                                              {k: tuple(v.shape) for k, v in io.read_tensors(template / io.WEIGHTS_NAME).items()})
+            shutil.rmtree(template)
+    generator = torch.Generator().manual_seed(seed)
+    combos = list(templates)
+    names = []
+    for index in range(count):
+        name = f"adapter-{index:04d}"
+        config, shapes = templates[combos[index % len(combos)]]
+        labels = 2 + index % 5
+        tensors = {}
+        for key, shape in shapes.items():
+            if key.endswith("lora_A.weight"):
+                tensors[key] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+            elif key.endswith("lora_B.weight"):
+                tensors[key] = torch.randn(shape, generator=generator) * 0.02
+            elif key.endswith("classifier.weight"):
+                tensors[key] = torch.randn((labels, shape[1]), generator=generator) * 0.02
+            elif key.endswith("classifier.bias"):
+                tensors[key] = torch.zeros(labels)
+            else:
+                raise RuntimeError(f"unexpected tensor {key} in the template adapter")
+        io.write_adapter_folder(folder / name, config, tensors, **{"peftkit_run.json": {
+            "model": "minilm", "label_names": [f"class-{i}" for i in range(labels)], "kind": "random LoRA (load test)"}})
+        names.append(name)
+    return names
+
+
+def zipf_weights(count: int, exponent: float, seed: int) -> list[float]:
+    """Zipf popularity over `count` adapters, the ranks shuffled (seeded) so that popularity and size are unrelated."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    weights = [0.0] * count
+    for rank, index in enumerate(order, start=1):
+        weights[index] = 1.0 / rank ** exponent
+    return weights
+
+
+def summarize_scale(case: str, measured: dict) -> dict:
+    row = summarize(case, measured)
+    before, after = measured["cache_before"][case], measured["cache"][case]["cache"]
+    delta = {k: after[k] - before[k] for k in ("slot_hits", "memory_hits", "disk_loads", "slot_evictions", "memory_evictions")}
+    uses = delta["slot_hits"] + delta["memory_hits"] + delta["disk_loads"]
+    row.update(cache_delta=delta, slot_hit_rate=delta["slot_hits"] / uses if uses else None,
+               memory_or_slot_hit_rate=(delta["slot_hits"] + delta["memory_hits"]) / uses if uses else None,
+               cache_memory_bytes=after["memory_bytes"], cache_budget_bytes=after["byte_budget"],
+               adapters_used=sum(1 for a in measured["cache"][case]["adapters"] if a.get("requests")),
+               adapters_listed=len(measured["cache"][case]["adapters"]), memory=measured["memory"][case])
+    return row
+
+
+def scale_markdown(rows: list[dict], args, sizes: dict, load_before: str, load_after: str) -> str:
+    baseline = rows[0]
+    mib = 2 ** 20
+    lines = [
+        f"`peftkit serve --model minilm` on loopback, {args.clients} concurrent clients sending /v1/classify with 1-4 sst2 "
+        f"sentences; {args.rounds} interleaved rounds of {args.phase_s:g} s per case after {args.warmup_s:g} s of warm-up; "
+        f"default server settings (16 slots, --cache-bytes {args.cache_bytes // mib} MiB){f', --threads {args.threads}' if args.threads else ''}. "
+        f"16 adapters: r=8 all-linear ({sizes['16'] / mib:.0f} MiB on disk). {args.scale} adapters: ranks 4/8/16 x targets "
+        f"q+v / q+k+v / FFN-in / all-linear ({sizes['scale'] / mib:.0f} MiB on disk), heads of 2-6 classes. Zipf exponent "
+        f"{args.zipf}. {os.cpu_count()}-core CPU, servers and clients on the same cores (load average {load_before} before, "
+        f"{load_after} after).",
+        "",
+        "| adapters, popularity | requests ok | failed | requests/s | vs 16 | p50 | p99 | rows per batch | adapters per batch | "
+        "slot hit rate | slot or memory hit rate | disk loads | adapters used | cache memory / budget | server RSS (peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        memory = row["memory"]
+        lines.append(
+            f"| {row['variant']} | {row['ok']:,} | {row['failed']} | {row['requests_per_s']:.1f} | "
+            f"{row['requests_per_s'] / baseline['requests_per_s']:.2f}x | {row['latency_p50_ms']:.0f} ms | {row['latency_p99_ms']:.0f} ms | "
+            f"{row['mean_batch_rows']:.1f} | {row['mean_batch_adapters']:.1f} | {100 * (row['slot_hit_rate'] or 0):.1f}% | "
+            f"{100 * (row['memory_or_slot_hit_rate'] or 0):.1f}% | {row['cache_delta']['disk_loads']:,} | {row['adapters_used']:,} | "
+            f"{row['cache_memory_bytes'] / mib:.0f} / {row['cache_budget_bytes'] / mib:.0f} MiB | "
+            f"{memory.get('rss', 0) / mib:.0f} MiB ({memory.get('peak_rss', 0) / mib:.0f}) |")
+    return "\n".join(lines)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def scale_main(args, argv) -> int:
+    from peftkit import zoo
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="serve-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    small, large = workdir / "adapters-16", workdir / f"adapters-{args.scale}"
+    started = time.perf_counter()
+    if not (small / "adapter-15").is_dir():
+        shutil.rmtree(small, ignore_errors=True)
+        make_adapters(small, 16, args.rank, args.seed)
+    if not (large / f"adapter-{args.scale - 1:04d}").is_dir():
+        shutil.rmtree(large, ignore_errors=True)
+        make_mixed_adapters(large, args.scale, args.seed)
+    small_names = [f"adapter-{i:02d}" for i in range(16)]
+    large_names = [f"adapter-{i:04d}" for i in range(args.scale)]
+    sizes = {"16": folder_size(small), "scale": folder_size(large)}
+    print(f"adapters ready in {time.perf_counter() - started:.0f} s; logs in {workdir}", file=sys.stderr)
+    texts = [example.text for example in zoo.load_task("sst2").validation]
+    budget = ["--cache-bytes", str(args.cache_bytes)]
+    cases = {
+        "16, uniform": (small, small_names, None, budget),
+        f"{args.scale:,}, uniform": (large, large_names, None, budget),
+        f"{args.scale:,}, Zipf({args.zipf:g})": (large, large_names, zipf_weights(args.scale, args.zipf, args.seed), budget),
+    }
+    load_before = load_average()
+    measured = asyncio.run(measure_cases(args, cases, texts, workdir))
+    load_after = load_average()
+    rows = [summarize_scale(case, measured) for case in cases]
+    table = scale_markdown(rows, args, sizes, load_before, load_after)
+    print(table)
+    zipf, baseline = rows[2], rows[0]
+    checks = [(f"0 failed requests ({sum(r['failed'] for r in rows)})", all(r["failed"] == 0 for r in rows)),
+              (f"{args.scale:,} adapters, Zipf: {zipf['requests_per_s']:.1f} req/s >= 0.8 x {baseline['requests_per_s']:.1f} "
+               f"(16 adapters)", zipf["requests_per_s"] >= 0.8 * baseline["requests_per_s"]),
+              ("the adapter cache's memory within its budget in every server",
+               all(r["cache_memory_bytes"] <= r["cache_budget_bytes"] for r in rows))]
+    print()
+    for text, ok in checks:
+        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+    if args.json:
+        write_results_json(args.json, {
+            "command": ("python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+            "measured_at": time.strftime("%Y-%m-%d"), "markdown": table, "sizes_bytes": sizes,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "render")},
+            "rows": rows, "checks": [{"check": t, "pass": ok} for t, ok in checks],
+            "load_average": {"before": load_before, "after": load_after}, "health": measured["health"],
+        })
+    return 0 if all(ok for _, ok in checks[:1]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapters", type=int, default=16)
@@ -310,11 +502,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where adapters and server logs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--scale", type=int, default=None, metavar="N",
+                        help="instead of the batching variants: N adapters of mixed ranks and targets (e.g. 1000) under "
+                             "uniform and Zipf popularity, against 16 adapters (default server settings)")
+    parser.add_argument("--zipf", type=float, default=1.0, help="--scale: the Zipf exponent of adapter popularity")
+    parser.add_argument("--cache-bytes", type=int, default=256 * 2**20, help="--scale: each server's --cache-bytes")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="only rewrite the markdown of a results file this script wrote (no measuring)")
     args = parser.parse_args(argv)
     if args.render:
         return render(Path(args.render))
+    if args.scale:
+        return scale_main(args, argv)
 
     from peftkit import zoo
 

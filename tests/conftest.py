@@ -49,6 +49,26 @@ def tiny_vit(num_labels=3, seed=0):
     return ViTForImageClassification(config).eval()
 
 
+# A 3-stage EfficientNet-Lite (stem 8, blocks of width 8 / 12 / 16, head 32), for 32 x 32 images.
+TINY_CNN_STAGES = [[1, 3, 1, 1, 8, 8], [2, 3, 2, 4, 8, 12], [1, 5, 2, 4, 12, 16]]
+
+
+def tiny_cnn(num_labels=3, seed=0):
+    """A tiny random EfficientNet-Lite (the architecture of the built-in efficientnet-lite0), with random
+    BatchNorm statistics so that they matter."""
+    from peftkit.vision.efficientnet import EfficientNetLiteConfig, EfficientNetLiteForImageClassification
+
+    torch.manual_seed(seed)
+    config = EfficientNetLiteConfig(stages=TINY_CNN_STAGES, stem_channels=8, head_channels=32, num_labels=num_labels,
+                                    image_size=32, dropout_rate=0.0)
+    model = EfficientNetLiteForImageClassification(config)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 # ChatML, as SmolLM2-Instruct and Qwen use it (without SmolLM2's default system prompt).
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

@@ -25,18 +25,20 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import logits, randomise, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import logits, randomise, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, tiny_vit
 
 import peftkit
 from peftkit import PeftkitError, PeftModel, get_peft_model
 from peftkit.methods.base import AdaptedModule
 
-MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit, "cnn": tiny_cnn}
 KINDS = tuple(MODELS)
+TRANSFORMERS = ("bert", "gpt2", "llama", "vit")  # the kinds of the methods that refuse a CNN (tests/test_vision.py)
 TEXT = ("bert", "gpt2", "llama")
 TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
 # Attention projections with the same role in every tiny model (GPT-2 fuses q, k and v into one Conv1D).
-TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "vit": ["q_proj", "v_proj"]}
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "vit": ["q_proj", "v_proj"],
+           "cnn": ["expand_conv", "project_conv"]}  # the CNN's pointwise (1x1) convolutions
 
 
 @dataclass(frozen=True)
@@ -73,24 +75,27 @@ def _prompt(**fields):
 ROWS = [
     Row("lora", peftkit.LoraConfig, lambda k: dict(r=2, lora_alpha=4, target_modules=TARGETS[k]), peft="LoraConfig"),
     # dora: its merge restores the base within float rounding of the weight norm (as test_dora bounds it)
-    Row("dora", peftkit.LoraConfig, lambda k: dict(r=2, target_modules="all-linear", use_dora=True, bias="lora_only"),
+    Row("dora", peftkit.LoraConfig, lambda k: dict(r=2, target_modules=TARGETS[k] if k == "cnn" else "all-linear",
+                                                   use_dora=True, bias="lora_only"),
         peft="LoraConfig", unmerge_atol=1e-5),
     Row("adalora", peftkit.AdaLoraConfig, lambda k: dict(init_r=4, target_r=2, total_step=10, target_modules=TARGETS[k]),
-        peft="AdaLoraConfig"),
-    Row("vera", peftkit.VeraConfig, lambda k: dict(r=8, target_modules="all-linear", bias="vera_only"), peft="VeraConfig"),
+        kinds=TRANSFORMERS, peft="AdaLoraConfig"),  # peft's AdaLoRA has no Conv2d layer
+    Row("vera", peftkit.VeraConfig, lambda k: dict(r=8, target_modules="all-linear", bias="vera_only"), kinds=TRANSFORMERS,
+        peft="VeraConfig"),
     # loha / lokr: no layer for transformers' Conv1D (GPT-2), as in peft
-    Row("loha", peftkit.LoHaConfig, lambda k: dict(r=2, alpha=4, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit"),
+    Row("loha", peftkit.LoHaConfig, lambda k: dict(r=2, alpha=4, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit", "cnn"),
         peft="LoHaConfig"),
-    Row("lokr", peftkit.LoKrConfig, lambda k: dict(r=2, alpha=4, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit"),
+    Row("lokr", peftkit.LoKrConfig, lambda k: dict(r=2, alpha=4, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit", "cnn"),
         peft="LoKrConfig"),
     # OFT rotates the inputs of linear layers in blocks (8 wide here: the tiny models are 32 wide); GPT-2's Conv1D is
     # refused at wrap time (tests/test_oft.py), as in peft.
     Row("oft", peftkit.OFTConfig, lambda k: dict(oft_block_size=8, target_modules=TARGETS[k]), kinds=("bert", "llama", "vit"),
         peft="OFTConfig"),
     # ia3 / ln_tuning: peft has no default targets for ViT, so ViT names them
-    Row("ia3", peftkit.IA3Config, lambda k: dict(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])
-        if k == "vit" else dict(), peft="IA3Config"),
-    Row("adapter", peftkit.BottleneckConfig, lambda k: dict(bottleneck_size=4), merges=False),
+    Row("ia3", peftkit.IA3Config, lambda k: {"vit": dict(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"]),
+                                              "cnn": dict(target_modules=TARGETS["cnn"], feedforward_modules=["project_conv"])
+                                              }.get(k, {}), peft="IA3Config"),
+    Row("adapter", peftkit.BottleneckConfig, lambda k: dict(bottleneck_size=4), kinds=TRANSFORMERS, merges=False),
     # virtual tokens: text models only; the prompt is random from the start, so the output changes at once
     Row("prompt", peftkit.PromptTuningConfig, _prompt(num_virtual_tokens=3), kinds=TEXT, merges=False,
         peft="PromptTuningConfig", starts_at_base=False, trainable=r"\.default\."),
@@ -98,15 +103,18 @@ ROWS = [
         merges=False, peft="PromptEncoderConfig", starts_at_base=False, trainable=r"\.default\."),
     Row("prefix", peftkit.PrefixTuningConfig, _prompt(num_virtual_tokens=3), kinds=TEXT, merges=False,
         peft="PrefixTuningConfig", starts_at_base=False, trainable=r"\.default\."),
-    Row("sparse", peftkit.SparseConfig, lambda k: dict(budget=0.1, importance="magnitude"),
+    Row("sparse", peftkit.SparseConfig, lambda k: dict(budget=0.1, importance="magnitude", **({"target_modules": TARGETS[k]}
+                                                                                              if k == "cnn" else {})),
         trainable=r"adapters\.default\."),  # the entries' values, and BERT's head
     # bitfit: the Llama family has no biases to train
-    Row("bitfit", peftkit.BitFitConfig, lambda k: dict(), kinds=("bert", "gpt2", "vit")),
+    Row("bitfit", peftkit.BitFitConfig, lambda k: dict(), kinds=("bert", "gpt2", "vit", "cnn")),  # cnn: BatchNorm shifts
     Row("ln_tuning", peftkit.LNTuningConfig, lambda k: {"bert": dict(target_modules=["LayerNorm"]),
                                                         "vit": dict(target_modules=["layernorm_before", "layernorm_after"])
-                                                        }.get(k, {}), peft="LNTuningConfig"),
+                                                        }.get(k, {}), kinds=TRANSFORMERS, peft="LNTuningConfig"),
     # freeze: a second FreezeConfig cannot find the block list once the first has wrapped the blocks
     Row("freeze", peftkit.FreezeConfig, lambda k: dict(last_k=1), several_adapters=False),
+    # linear_probe (peftkit train --method linear_probe): the classification head alone
+    Row("linear_probe", peftkit.FreezeConfig, lambda k: dict(modules_to_save=["classifier"]), kinds=("bert", "vit", "cnn")),
     Row("full", peftkit.FullFinetuneConfig, lambda k: dict(), merges=False, trainable=r"", adapter_only=False),
 ]
 
@@ -122,8 +130,9 @@ def differs(a, b):
 
 
 def inputs(kind):
-    if kind == "vit":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))}
+    if kind in ("vit", "cnn"):
+        size = 16 if kind == "vit" else 32
+        return {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))}
     return {"input_ids": torch.randint(2, 120, (2, 9), generator=torch.Generator().manual_seed(1))}
 
 

@@ -221,11 +221,15 @@ def is_causal_run(folder: str | os.PathLike) -> bool:
 
 
 def load_trained(folder: str | os.PathLike, model: str | None = None):
-    """A saved run, classification or causal: (model, tokenizer, run info, causal)."""
+    """A saved run, classification (text or image) or causal: (model, tokenizer or image preprocessor, run info, causal)."""
     if is_causal_run(folder):
         from peftkit.train.instruct import load_causal_run
 
         return (*load_causal_run(folder, model=model), True)
+    from peftkit.train.image_job import is_image_run, load_image_run
+
+    if is_image_run(folder):  # (model, its ImagePreprocessor in the tokenizer's place, run info, False)
+        return (*load_image_run(folder, model=model), False)
     from peftkit.train.job import load_run
 
     return (*load_run(folder, model=model), False)

@@ -18,6 +18,7 @@ EXTRA_OF = {
     "mlflow": "mlflow",
     "wandb": "wandb",
     "trl": "trl",
+    "PIL": "vision",
     "flwr": "federated",
     "flwr_datasets": "federated",
     "ray": "federated",

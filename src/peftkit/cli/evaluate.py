@@ -58,7 +58,10 @@ def _eval(args) -> int:
 
     if is_causal_run(args.adapter):
         return _eval_causal(args)
-    result = evaluate_run(args.adapter, task=args.task, split=args.split or "validation", model=args.model, max_examples=args.max_examples)
+    from peftkit.train.image_job import evaluate_image_run, is_image_run
+
+    evaluate = evaluate_image_run if is_image_run(args.adapter) else evaluate_run
+    result = evaluate(args.adapter, task=args.task, split=args.split or "validation", model=args.model, max_examples=args.max_examples)
     if args.json:
         print(json.dumps(result))
     else:
@@ -67,10 +70,10 @@ def _eval(args) -> int:
 
 
 def _add_predict_parser(commands) -> None:
-    parser = commands.add_parser("predict", help="classify texts with a trained adapter")
+    parser = commands.add_parser("predict", help="classify texts (or images, with an image model's adapter) with a trained adapter")
     parser.add_argument("adapter", help="adapter folder written by peftkit train")
-    parser.add_argument("texts", nargs="*", help="texts to classify (or use --file)")
-    parser.add_argument("--file", default=None, help="a text file, one text per line ('-' for standard input)")
+    parser.add_argument("texts", nargs="*", help="texts to classify (or use --file); image files for an image run")
+    parser.add_argument("--file", default=None, help="a text file, one text (or image path) per line ('-' for standard input)")
     parser.add_argument("--model", default=None, help="base model, if the folder does not name it")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     parser.set_defaults(handler=_predict, command_parser=parser)
@@ -91,14 +94,21 @@ def _predict(args) -> int:
     if is_causal_run(args.adapter):
         raise PeftkitError(f"{args.adapter} adapts a causal language model, which writes replies rather than labels: "
                            f"use peftkit generate {args.adapter} --prompt TEXT (or peftkit chat {args.adapter})")
-    model, tokenizer, info = load_run(args.adapter, model=args.model)
-    probabilities = predict_texts(model, tokenizer, texts, info.get("max_length", 128))
+    from peftkit.train.image_job import is_image_run, load_image_run, predict_images
+
+    if is_image_run(args.adapter):
+        model, preprocessor, info = load_image_run(args.adapter, model=args.model)
+        probabilities = predict_images(model, preprocessor, texts)
+    else:
+        model, tokenizer, info = load_run(args.adapter, model=args.model)
+        probabilities = predict_texts(model, tokenizer, texts, info.get("max_length", 128))
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     for text, row in zip(texts, probabilities):
         label = int(row.argmax())
         name = info.get("label_names", [None] * (label + 1))[label] if info.get("label_names") else id2label.get(label, str(label))
         if args.json:
-            print(json.dumps({"text": text, "label": name, "label_id": label, "probability": round(float(row[label]), 4)}))
+            key = "image" if info.get("kind") == "image" else "text"
+            print(json.dumps({key: text, "label": name, "label_id": label, "probability": round(float(row[label]), 4)}))
         else:
             print(f"{name}\t{float(row[label]):.3f}\t{text}")
     return 0

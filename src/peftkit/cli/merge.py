@@ -20,6 +20,12 @@ def _merge(args) -> int:
     note, causal = merge_to_folder(args.adapter, args.output, model=args.model)
     if note:
         print(note)
+    from peftkit.train.image_job import is_image_run
+
+    if is_image_run(args.adapter):
+        print(f"merged model written to {args.output} in {time.perf_counter() - started:.1f} s; load it with "
+              f"peftkit.vision.load_image_classifier({str(args.output)!r}), or train on it: peftkit train --model {args.output}")
+        return 0
     auto_class = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     print(f"merged model written to {args.output} in {time.perf_counter() - started:.1f} s; "
           f"load it with transformers.{auto_class}.from_pretrained({str(args.output)!r})")

@@ -10,6 +10,7 @@ from peftkit.errors import PeftkitError
 
 def add_parsers(commands) -> None:
     from peftkit import zoo
+    from peftkit.serve.routing import ROUTERS
     from peftkit.serve.server import ServeSettings
 
     defaults = ServeSettings()
@@ -18,11 +19,15 @@ def add_parsers(commands) -> None:
         description="An HTTP server (FastAPI + uvicorn) for one base model and a folder of LoRA adapters, one subfolder "
                     "each (what peftkit train writes to <run>/adapter, or whole run folders). Classification models answer "
                     "POST /v1/classify; causal LMs answer OpenAI-compatible /v1/completions and /v1/chat/completions with "
-                    "model = adapter name. Requests for different adapters that arrive together run as one batch.",
+                    "model = adapter name. Requests for different adapters that arrive together run as one batch. "
+                    "Naming the adapter \"auto\" lets the server choose it from the text; the page at / shows the "
+                    "adapters, their traffic and the routing decisions, with a playground.",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
     parser.add_argument("--adapters", required=True, help="folder with one subfolder per adapter")
+    parser.add_argument("--image-root", default=None, help="image models: the folder whose files /v1/classify may name by "
+                        "path (relative to it; paths that leave it are refused); without it, images come as base64 only")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     batching = parser.add_argument_group("batching")
@@ -49,6 +54,11 @@ def add_parsers(commands) -> None:
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")
     limits.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     limits.add_argument("--max-body-bytes", type=byte_count, default=defaults.max_body_bytes)
+    routing = parser.add_argument_group("routing (requests that name the adapter \"auto\")")
+    routing.add_argument("--router", default=defaults.router, choices=sorted(ROUTERS),
+                         help="centroid: the adapter whose training inputs' mean embedding is nearest; knn: the k nearest "
+                              "stored training inputs vote. Adapters need routing data (peftkit train writes it; "
+                              "peftkit routing computes it for an existing adapter)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: torch's, one per core); 1 is faster on a busy machine")
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -68,7 +78,7 @@ def _serve(args) -> int:
         mixed_batching=not args.no_mixed_batching, capacity=args.capacity, cache_bytes=args.cache_bytes,
         max_rank=args.max_rank, max_labels=args.max_labels, max_texts=args.max_texts, max_text_chars=args.max_text_chars,
         max_length=args.max_length, forward_rows=args.forward_rows, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=args.max_body_bytes, router=args.router,
     )
     if args.threads is not None:
         import torch
@@ -76,6 +86,12 @@ def _serve(args) -> int:
         if args.threads < 1:
             raise PeftkitError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from peftkit import zoo
+
+    if zoo.model_kind(args.model) == "image":
+        return _serve_images(args, settings)
+    if args.image_root is not None:
+        raise PeftkitError("--image-root applies to image models (e.g. --model efficientnet-lite0)")
     server = load_server(args.model, args.adapters, settings)
     plan = server.plan
     print(f"peftkit serve: {server.model_name} ({server.kind}), {len(plan.servable)} adapters in {server.directory.root}, "
@@ -85,5 +101,17 @@ def _serve(args) -> int:
           file=sys.stderr, flush=True)
     for name, problem in plan.problems.items():
         print(f"peftkit serve: not serving {name!r}: {problem}", file=sys.stderr, flush=True)
+    run(server, host=args.host, port=args.port, access_log=not args.no_access_log)
+    return 0
+
+
+def _serve_images(args, settings) -> int:
+    from peftkit.serve.image_app import run
+    from peftkit.serve.images import load_image_server
+
+    server = load_image_server(args.model, args.adapters, settings, image_root=args.image_root)
+    print(f"peftkit serve: {server.model_name} (image), {len(server.directory.names())} adapters in {server.directory.root}, "
+          f"image paths {'under ' + str(server.image_root) if server.image_root else 'refused (base64 only)'}",
+          file=sys.stderr, flush=True)
     run(server, host=args.host, port=args.port, access_log=not args.no_access_log)
     return 0

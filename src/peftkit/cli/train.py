@@ -25,11 +25,14 @@ def add_parsers(commands) -> None:
     )
     parser.add_argument("--model", default="minilm", help=f"built-in model ({', '.join(zoo.list_models())}) or a local Hugging Face model folder")
     from peftkit.train.chat import list_instruct_tasks
+    from peftkit.vision.data import list_image_tasks
 
-    parser.add_argument("--task", default="sst2", help=f"built-in task ({', '.join(zoo.list_tasks())}; chat: "
+    parser.add_argument("--task", default=None, help=f"(default: sst2; mnist-5k for an image model) built-in task "
+                        f"({', '.join(zoo.list_tasks())}; chat: "
                         f"{', '.join(list_instruct_tasks())}), a folder, or a .jsonl/.csv file (chat files: "
                         "'messages' or 'instruction'/'input'/'output' per line); several, comma-separated (sst2,trec,cr,mr), "
-                        "co-train a LoRA adapter per task in one run with mixed batches")
+                        "co-train a LoRA adapter per task in one run with mixed batches; image models (efficientnet-lite0): "
+                        f"{', '.join(list_image_tasks())}, a folder of class subfolders, or a .csv/.jsonl of image paths")
     parser.add_argument("--method", default="lora", choices=list_methods(), help="how to adapt the model")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<model>-<task>-<method>)")
     parser.add_argument("--config", default=None, help="a JSON file with the method's config (an adapter_config.json works)")
@@ -38,6 +41,13 @@ def add_parsers(commands) -> None:
     parser.add_argument("--quantize", default=None, choices=["nf4", "int8"], help="store the frozen base's linear weights "
                         "as 4-bit NF4 (QLoRA-style, double-quantized scales) or int8, dequantized on the fly")
 
+    _add_method_options(parser)
+    _add_training_options(parser)
+    _add_image_options(parser)
+    parser.set_defaults(handler=run, command_parser=parser)
+
+
+def _add_method_options(parser) -> None:
     common = parser.add_argument_group(
         "method options", "each applies to the methods whose config has the field; --set reaches any config field")
     common.add_argument("--r", type=int, default=None, help="rank: r of LoRA, DoRA, VeRA, LoHa, LoKr (default 8)")
@@ -55,6 +65,8 @@ def add_parsers(commands) -> None:
                         help="any field of the method's config, e.g. --set num_virtual_tokens=30 or "
                              "--set budget=0.01; VALUE is read as JSON when it parses (numbers, true, [1,2]), else as text")
 
+
+def _add_training_options(parser) -> None:
     loop = parser.add_argument_group("training")
     loop.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 2, bitfit 4; 1 for chat tasks)")
     loop.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
@@ -86,7 +98,15 @@ def add_parsers(commands) -> None:
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
     loop.add_argument("--report-to", default="none", help="log loss, learning rate, eval metrics, examples/s and memory "
                       "to tensorboard, mlflow or wandb (several: tensorboard,mlflow), under --output-dir; see docs/tracking.md")
-    parser.set_defaults(handler=run, command_parser=parser)
+
+
+def _add_image_options(parser) -> None:
+    images = parser.add_argument_group("image models (efficientnet-lite0, Hugging Face image classifiers)")
+    images.add_argument("--image-column", default="image", help="the column of image paths in .csv/.jsonl task files")
+    images.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: 64 for mnist-5k, "
+                        "else the model's own, 224 for efficientnet-lite0); smaller is faster")
+    images.add_argument("--augment", default=None, help="training-time augmentation, comma-separated: crop (a random crop "
+                        "position), flip (random left-right flip); default none")
 
 
 # flag -> the config fields it may set, first match wins (method configs name the same idea differently).
@@ -153,11 +173,16 @@ def _is_causal_job(model: str, task: str) -> bool:
 
 
 def run(args) -> int:
+    from peftkit import zoo
     from peftkit.config import load_config
 
+    image = zoo.model_kind(args.model) == "image"
+    args.task = args.task or ("mnist-5k" if image else "sst2")
+    if not image and (args.image_size is not None or args.augment is not None or args.image_column != "image"):
+        raise PeftkitError("--image-size, --augment and --image-column apply to image models (e.g. --model efficientnet-lite0)")
     if "," in args.task:  # several tasks: one co-training run, a LoRA adapter per task (peftkit.train.cotrain)
         return _cotrain(args, _method_options(args))
-    causal = _is_causal_job(args.model, args.task)
+    causal = not image and _is_causal_job(args.model, args.task)
     options = _method_options(args)
     config = load_config(args.config) if args.config else None
     model_label = Path(args.model).name if os.sep in args.model else args.model
@@ -179,6 +204,8 @@ def run(args) -> int:
         print(f"peftkit train: {args.method} on {args.model} / {args.task} -> {output_dir}", flush=True)
     if causal:
         return _train_causal(args, config, options, training, output_dir)
+    if image:
+        return _train_image(args, config, options, training, output_dir, main_process)
     if args.packing:
         raise PeftkitError("--packing applies to chat / instruction tasks, not to classification")
     from peftkit.train.job import train_classifier
@@ -190,6 +217,10 @@ def run(args) -> int:
         seed=args.seed, quantize=args.quantize, log=print if main_process else None,
         **({} if args.validation_fraction is None else {"validation_fraction": args.validation_fraction}),
     )
+    return _report(result, main_process)
+
+
+def _report(result, main_process: bool) -> int:
     if not main_process:
         return 0
     accuracy = "n/a (no validation split)" if result.validation_accuracy is None else f"{100 * result.validation_accuracy:.2f}%"
@@ -203,6 +234,33 @@ def run(args) -> int:
     ]
     print_rows(rows)
     return 0
+
+
+def _augmentation(text: str | None):
+    from peftkit.vision.images import Augmentation
+
+    parts = [part.strip() for part in (text or "").split(",") if part.strip()]
+    unknown = [part for part in parts if part not in ("crop", "flip")]
+    if unknown:
+        raise PeftkitError(f"--augment {text!r}: unknown {', '.join(unknown)}; use crop, flip or crop,flip")
+    return Augmentation(random_crop="crop" in parts, flip="flip" in parts)
+
+
+def _train_image(args, config, options, training, output_dir, main_process: bool) -> int:
+    from peftkit.train.image_job import train_image_classifier
+
+    if args.quantize is not None:
+        raise PeftkitError("--quantize stores linear weights in 4 or 8 bits; it is for text models, not image models")
+    if args.max_length is not None or args.text_column != "text":
+        raise PeftkitError("--max-length and --text-column are for text tasks; image tasks use --image-size and --image-column")
+    result = train_image_classifier(
+        args.model, args.task, args.method, output_dir, config=config, method_options=options, training=training,
+        image_size=args.image_size, augmentation=_augmentation(args.augment), max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, image_column=args.image_column, label_column=args.label_column,
+        seed=args.seed, log=print if main_process else None,
+        **({} if args.validation_fraction is None else {"validation_fraction": args.validation_fraction}),
+    )
+    return _report(result, main_process)
 
 
 def _train_causal(args, config, options, training, output_dir) -> int:

@@ -76,5 +76,9 @@ def add_adapter(model: nn.Module, config: FreezeConfig, adapter_name: str, skip:
         attach_delta(model, name, adapter_name, ReplacementDelta)
     return chosen
 
-# How `peftkit train` trains it.
-METHODS = (Method("freeze", FreezeConfig, dict(last_k=2), learning_rate=1e-4),)
+# How `peftkit train` trains it. linear_probe trains the classification head alone on the frozen
+# features (the usual baseline for image models): a FreezeConfig whose only trained module is the head.
+METHODS = (
+    Method("freeze", FreezeConfig, dict(last_k=2), learning_rate=1e-4),
+    Method("linear_probe", FreezeConfig, dict(last_k=None, modules_to_save=["classifier", "score"]), learning_rate=1e-2),
+)

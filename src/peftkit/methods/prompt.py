@@ -145,7 +145,10 @@ def input_token_embeddings(model: nn.Module, method: str) -> nn.Module:
     takes no `inputs_embeds`.
     """
     getter = getattr(model, "get_input_embeddings", None)
-    embeddings = getter() if callable(getter) else None
+    try:
+        embeddings = getter() if callable(getter) else None
+    except NotImplementedError:  # transformers' image models (ResNet, ...) have no token embeddings to return
+        embeddings = None
     base = embeddings.base_layer if isinstance(embeddings, AdaptedModule) else embeddings
     if not isinstance(base, nn.Embedding):
         found = f"its input embeddings are {type(base).__name__}" if base is not None else "it has no get_input_embeddings()"

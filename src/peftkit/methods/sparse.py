@@ -1,11 +1,13 @@
 """Sparse fine-tuning: train a small, chosen set of entries of the frozen weights.
 
-For each targeted weight W (nn.Linear, or GPT-2's Conv1D) the adapter holds `indices`, flat
-positions into W as stored (row-major), and trained `values` at those positions:
+For each targeted weight W (nn.Linear, GPT-2's Conv1D, or a pointwise (1x1, stride 1, ungrouped)
+nn.Conv2d, whose weight (out, in, 1, 1) acts on every pixel's channels as a linear layer) the adapter
+holds `indices`, flat positions into W as stored (row-major), and trained `values` at those positions:
 
     y = base(x) + x @ D^T,   D = zeros_like(W) with D.view(-1)[indices] = values
 
-(for Conv1D, whose weight is stored (in, out), y = base(x) + x @ D). Merging is exact:
+(for Conv1D, whose weight is stored (in, out), y = base(x) + x @ D; for a pointwise conv the channel
+dimension of x plays the role of the features). Merging is exact:
 W.view(-1)[indices] += values.
 
 Which entries train is chosen by an importance score over the targeted weights, keeping the top
@@ -156,9 +158,11 @@ class SparseDelta(AdapterDelta):
     def __init__(self, base_layer: nn.Module, owner: SparseModelAdapter):
         super().__init__()
         weight = base_layer.weight
+        # A pointwise conv's weight (out, in, 1, 1) is a linear layer's (out, in) over the channels.
+        self.pointwise = isinstance(base_layer, nn.Conv2d)
         # GPT-2's Conv1D stores its weight as (in, out) and computes x @ W; nn.Linear stores (out, in).
-        self.transposed = not isinstance(base_layer, nn.Linear)
-        self.weight_shape = tuple(weight.shape)
+        self.transposed = not isinstance(base_layer, (nn.Linear, nn.Conv2d))
+        self.weight_shape = tuple(weight.shape[:2])
         self.register_buffer("indices", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.offset = 0
         # A plain list, not a submodule: the values belong to the model-level adapter, listed once.
@@ -192,11 +196,15 @@ class SparseDelta(AdapterDelta):
             return base_output
         values = self.values()
         x = x.to(values.dtype)
+        if self.pointwise:  # channels last, so the update is a linear map of each pixel's channels
+            x = x.movedim(1, -1)
         if values.device.type == "cpu" and values.dtype in SPARSE_MATMUL_DTYPES:
             update = self._sparse_update(x, values)
         else:
             delta = self.delta_weight()
             update = F.linear(x, delta.T if self.transposed else delta)
+        if self.pointwise:
+            update = update.movedim(-1, 1)
         return base_output + update.to(base_output.dtype)
 
     def _sparse_update(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -453,9 +461,11 @@ def add_adapter(model: nn.Module, config: SparseConfig, adapter_name: str, skip:
     targets = find_targets(
         model, config.target_modules, exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
-        supported_types=linear_types(), task_type=config.task_type, skip=skip,
+        supported_types=(*linear_types(), nn.Conv2d), task_type=config.task_type, skip=skip,
     )
     modules = dict(iter_base_modules(model))
+    for name in targets:
+        _check_pointwise(name, modules[name])
     weights = [modules[name].weight for name in targets]
     total, counts = entry_counts([w.numel() for w in weights], config.budget, config.scope)
     owner = SparseModelAdapter(config, adapter_name, total, counts, weights[0].dtype, weights[0].device)
@@ -465,6 +475,19 @@ def add_adapter(model: nn.Module, config: SparseConfig, adapter_name: str, skip:
     if config.importance == "magnitude":
         owner.choose_entries(model)
     return Attached(targets, owner)
+
+def _check_pointwise(name: str, module: nn.Module) -> None:
+    if not isinstance(module, nn.Conv2d):
+        return
+    pointwise = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
+                 and module.padding in ((0, 0), "valid") and module.dilation == (1, 1))
+    if not pointwise:
+        raise PeftkitError(
+            f"module {name!r} is a Conv2d with kernel {module.kernel_size}, stride {module.stride}, groups {module.groups}; "
+            "sparse fine-tuning adapts nn.Linear, GPT-2 Conv1D and pointwise (1x1, stride 1, ungrouped) Conv2d layers: "
+            "leave it out of target_modules (or exclude_modules it)"
+        )
+
 
 # How `peftkit train` trains it: 2% of the linear weights' entries (215k, 0.95% of minilm), chosen by
 # |gradient| over 8 batches; the chosen entries move like full fine-tuning's weights but need a larger rate

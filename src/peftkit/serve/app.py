@@ -9,6 +9,11 @@
     DELETE /v1/adapters/{name}        drop it from its slot and from memory (its files stay)
     GET    /health                    liveness, queue depth, batches run
     GET    /metrics                   Prometheus text format
+    GET    /                          the web page (peftkit.serve.dashboard), reading GET /v1/dashboard and /v1/routing
+
+Naming the adapter "auto" (classify's "adapter", completions' and chat's "model") lets the server choose
+it from the input (peftkit.serve.routing); the response says which it chose ("routed_to", "routing")
+and so does the X-Peftkit-Adapter header.
 
 Every error is JSON, `{"error": {"message", "type", "code", "param"}}` (OpenAI's shape): 400 for a
 malformed body or a disallowed adapter name, 404 for an unknown adapter or path, 409 for an adapter
@@ -41,6 +46,8 @@ from peftkit.errors import PeftkitError
 from peftkit.serve import metrics as prometheus
 from peftkit.serve.batching import END_OF_STREAM, BatchError, QueueFullError, Request
 from peftkit.serve.cache import AdapterMismatchError, AdapterNameError, UnknownAdapterError
+from peftkit.serve.dashboard import add_dashboard_routes
+from peftkit.serve.routing import AUTO_ADAPTER, routed_headers
 from peftkit.serve.server import AdapterServer, RequestTooLargeError, WrongEndpointError
 
 RETRY_AFTER_S = 1
@@ -50,7 +57,8 @@ RETRY_AFTER_S = 1
 
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    adapter: str = Field(description="the adapter's folder name in the adapter directory")
+    adapter: str = Field(description=f"the adapter's folder name in the adapter directory; {AUTO_ADAPTER!r}: the server "
+                                     "chooses one per text (peftkit.serve.routing)")
     texts: list[str] = Field(description="texts to classify with that adapter")
 
 
@@ -58,7 +66,8 @@ class _SamplingFields(BaseModel):
     # Unknown fields are ignored, as OpenAI clients send many; the ones that would change the answer
     # and are not implemented are refused by name in `_refuse_unsupported`.
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(description="adapter name; '__base__' for the base model without adapter")
+    model: str = Field(description=f"adapter name; '__base__' for the base model without adapter; {AUTO_ADAPTER!r}: "
+                                   "the server chooses (peftkit.serve.routing)")
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -272,6 +281,7 @@ def create_app(server: AdapterServer) -> FastAPI:
     app.include_router(_status_routes(server, metrics))
     app.include_router(_adapter_routes(server))
     app.include_router(_completion_routes(server))
+    add_dashboard_routes(app, server)
     return app
 
 
@@ -320,7 +330,8 @@ def _adapter_routes(server: AdapterServer) -> APIRouter:
 
     @routes.post("/v1/classify")
     async def classify(body: ClassifyBody):
-        return await server.classify(body.adapter, body.texts)
+        result = await server.classify(body.adapter, body.texts)
+        return JSONResponse(result, headers=routed_headers(result))
 
     return routes
 
@@ -340,17 +351,21 @@ def _completion_routes(server: AdapterServer) -> APIRouter:
         if body.stream and len(prompts) > 1:
             raise PeftkitError("stream=true takes one prompt; send one request per prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
-        requests = [server.make_completion_request(body.model, server.encode_prompt(prompt=prompt), max_tokens,
-                                                   body.temperature, body.top_p, body.stream) for prompt in prompts]
-        header = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+        prompt_ids = [server.encode_prompt(prompt=prompt) for prompt in prompts]
+        adapters, routing = await server.resolve_adapters(body.model, prompts, "completions")
+        requests = [server.make_completion_request(adapter, ids, max_tokens, body.temperature, body.top_p, body.stream)
+                    for adapter, ids in zip(adapters, prompt_ids)]
+        header = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                  "model": adapters[0] if len(set(adapters)) == 1 else body.model}
+        routed = {"routed_to": adapters} if routing else {}
         if body.stream:
             server.submit(requests[0])
-            return _event_stream(requests[0], header, chat=False)
+            return _event_stream(requests[0], header, chat=False, headers=routed_headers(routed))
         done = await server.complete(requests)
-        return {**header, "object": "text_completion",
-                "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                            for i, c in enumerate(done)],
-                "usage": _usage(done)}
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
+                    **({"adapter": adapters[i], "routing": routing[i]} if routing else {})} for i, c in enumerate(done)]
+        result = {**header, "object": "text_completion", "choices": choices, "usage": _usage(done), **routed}
+        return JSONResponse(result, headers=routed_headers(result))
 
     @routes.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
@@ -358,16 +373,20 @@ def _completion_routes(server: AdapterServer) -> APIRouter:
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = requested if requested is not None else server.settings.max_tokens
         prompt_ids = server.encode_prompt(messages=[m.model_dump() for m in body.messages])
-        request = server.make_completion_request(body.model, prompt_ids, max_tokens, body.temperature, body.top_p, body.stream)
-        header = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+        last_user = next((m.content for m in reversed(body.messages) if m.role == "user"), body.messages[-1].content)
+        adapters, routing = await server.resolve_adapters(body.model, [last_user], "chat")
+        request = server.make_completion_request(adapters[0], prompt_ids, max_tokens, body.temperature, body.top_p, body.stream)
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": adapters[0]}
+        routed = {"routed_to": adapters, "routing": routing[0]} if routing else {}
         if body.stream:
             server.submit(request)
-            return _event_stream(request, header, chat=True)
+            return _event_stream(request, header, chat=True, headers=routed_headers(routed))
         done = await server.complete([request])
-        return {**header, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done[0].text},
-                             "finish_reason": done[0].finish_reason, "logprobs": None}],
-                "usage": _usage(done)}
+        result = {**header, "object": "chat.completion",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": done[0].text},
+                               "finish_reason": done[0].finish_reason, "logprobs": None}],
+                  "usage": _usage(done), **routed}
+        return JSONResponse(result, headers=routed_headers(result))
 
     return routes
 
@@ -384,7 +403,7 @@ def _cache_summary(server: AdapterServer) -> dict:
     return snapshot
 
 
-def _event_stream(request: Request, header: dict, chat: bool) -> StreamingResponse:
+def _event_stream(request: Request, header: dict, chat: bool, headers: dict[str, str] | None = None) -> StreamingResponse:
     """Server-sent events for one streaming completion: a chunk per piece of text, then the finish, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -422,7 +441,7 @@ def _event_stream(request: Request, header: dict, chat: bool) -> StreamingRespon
                     request.future.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 def run(server: AdapterServer, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:

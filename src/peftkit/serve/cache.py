@@ -344,6 +344,11 @@ class AdapterCache:
         with self._lock:
             return list(self._memory)
 
+    def memory_sizes(self) -> dict[str, int]:
+        """Bytes of each adapter kept in memory."""
+        with self._lock:
+            return dict(self._memory_bytes)
+
     def state(self, name: str) -> str:
         """'slot' (ready), 'memory' (one copy away) or 'disk'."""
         with self._lock:

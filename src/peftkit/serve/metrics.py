@@ -124,3 +124,32 @@ class ServerMetrics:
         for name, kind, help_text, value in counters:
             lines += [f"# HELP peftkit_{name} {help_text}", f"# TYPE peftkit_{name} {kind}", f"peftkit_{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+class AdapterTraffic:
+    """Per adapter: requests, rows, failures and the latency of its model work (from queueing to result),
+    the last `window` latencies kept for quantiles. For the web page (GET /v1/dashboard)."""
+
+    def __init__(self, window: int = 256):
+        self.window = window
+        self._lock = threading.Lock()
+        self._counts: dict[str, list] = {}  # name -> [requests, rows, failed, seconds, deque of latencies]
+
+    def observe(self, adapter: str, rows: int, seconds: float, ok: bool) -> None:
+        with self._lock:
+            entry = self._counts.setdefault(adapter, [0, 0, 0, 0.0, collections.deque(maxlen=self.window)])
+            entry[0] += 1
+            entry[1] += rows
+            entry[2] += 0 if ok else 1
+            entry[3] += seconds
+            entry[4].append(seconds)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            out = {}
+            for name, (requests, rows, failed, seconds, recent) in self._counts.items():
+                ordered = sorted(recent)
+                out[name] = {"requests": requests, "rows": rows, "failed": failed,
+                             "mean_ms": round(1000 * seconds / requests, 2) if requests else None,
+                             "p50_ms": round(1000 * _quantile(ordered, 0.5), 2), "p99_ms": round(1000 * _quantile(ordered, 0.99), 2)}
+            return out

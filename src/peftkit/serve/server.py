@@ -9,6 +9,7 @@ queue it for the next batch and return the result; `peftkit.serve.app` puts HTTP
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import dataclasses
 import json
@@ -25,7 +26,14 @@ from safetensors import safe_open
 from peftkit import io, zoo
 from peftkit.errors import PeftkitError
 from peftkit.serve.batching import DynamicBatcher, QueueFullError, Request
-from peftkit.serve.cache import AdapterCache, AdapterDirectory, AdapterInfo, AdapterMismatchError
+from peftkit.serve.cache import (
+    AdapterCache,
+    AdapterDirectory,
+    AdapterInfo,
+    AdapterMismatchError,
+    AdapterNameError,
+    UnknownAdapterError,
+)
 from peftkit.serve.inference import (
     BASE_ADAPTER,
     Classification,
@@ -35,6 +43,8 @@ from peftkit.serve.inference import (
     GenerateWork,
     GenerationRunner,
 )
+from peftkit.serve.metrics import AdapterTraffic
+from peftkit.serve.routing import AUTO_ADAPTER, ROUTERS, EmbeddingRunner, EmbedWork, RouteChoice, RoutingIndex, make_router, model_reference
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES
 
 
@@ -66,6 +76,8 @@ class ServeSettings:
     max_tokens: int = 256  # completion tokens per request
     max_prompt_tokens: int = 1024  # prompt tokens per completion request
     max_body_bytes: int = 1 * 2**20  # request body size
+    router: str = "centroid"  # how "auto" chooses an adapter (peftkit.serve.routing.ROUTERS)
+    routing_rescan_s: float = 5.0  # the routing index rescans the adapter directory at least this often
 
     def check(self) -> None:
         if self.max_texts is None:
@@ -74,6 +86,8 @@ class ServeSettings:
                      "max_prompt_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise PeftkitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.router not in ROUTERS:
+            raise PeftkitError(f"--router {self.router!r} is not a router; choose one of: {', '.join(ROUTERS)}")
         if self.max_wait_ms < 0 or self.cache_bytes < 0 or self.forward_rows < 0:
             raise PeftkitError("--max-wait-ms, --cache-bytes and --forward-rows must be >= 0")
         if self.capacity is not None and self.capacity < 1:
@@ -137,6 +151,9 @@ def plan_model(directory: AdapterDirectory, kind: str, settings: ServeSettings) 
     ranks, labels, heads, servable, problems = [], [], set(), [], {}
     for name in directory.names():
         try:
+            if name == AUTO_ADAPTER:
+                raise AdapterNameError(f"the name {AUTO_ADAPTER!r} is reserved: requests name it to let the server "
+                                       "choose an adapter; rename the folder")
             info = directory.describe(name)
             if info.peft_type != "LORA":
                 raise AdapterMismatchError(f"it is a {info.peft_type} adapter; the server runs LoRA adapters only")
@@ -201,13 +218,27 @@ class AdapterServer:
         else:
             tokenizer.padding_side = "left"
             self.runner = GenerationRunner(mixed_model, tokenizer, self.cache)
-        self.batcher = DynamicBatcher(self.runner.run_batch, max_batch_size=settings.max_batch_size,
+        self.embedder = EmbeddingRunner(mixed_model, tokenizer, BASE_ADAPTER, max_length=settings.max_length,
+                                        causal=kind == "causal")
+        hidden = getattr(getattr(mixed_model.base_model, "config", None), "hidden_size", None)
+        self.routing = RoutingIndex(directory, model_reference(model_name), hidden_size=hidden,
+                                    eligible=lambda name: name not in plan.problems, rescan_s=settings.routing_rescan_s)
+        self.router = make_router(settings.router)
+        self.routing_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)  # newest last
+        self.traffic = AdapterTraffic()
+        self.batcher = DynamicBatcher(self._run_batch, max_batch_size=settings.max_batch_size,
                                       max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
                                       max_adapters=plan.capacity, mixed=settings.mixed_batching)
         self.started_at = time.time()
 
     async def start(self) -> None:
         await self.batcher.start()
+
+    def _run_batch(self, requests: Sequence[Request]) -> list[Any]:
+        # A batch holds one kind of work (its batch key): routing embeddings, or the runner's.
+        if requests and requests[0].kind == "embed":
+            return self.embedder.run_batch(requests)
+        return self.runner.run_batch(requests)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -263,6 +294,7 @@ class AdapterServer:
         failures = await self.batcher.run_exclusive(self.cache.ensure_loaded, [name])
         if name in failures:
             raise _as_adapter_error(name, failures[name])
+        await asyncio.to_thread(self.routing.table, True)  # a new adapter's routing data counts at once
         times = self.cache.snapshot()["adapters"].get(name, {})
         return {"name": name, "state": self.cache.state(name), **times}
 
@@ -276,6 +308,28 @@ class AdapterServer:
     # --- requests -----------------------------------------------------------------------------
 
     async def classify(self, adapter: str, texts: Sequence[str]) -> dict[str, Any]:
+        """Labels and probabilities of `texts` with `adapter`; "auto" routes each text to an adapter."""
+        self._check_texts(texts)
+        if adapter == AUTO_ADAPTER:
+            return await self._classify_routed(list(texts))
+        self.check_adapter_name(adapter)
+        return await self._classify_with(adapter, texts)
+
+    async def _classify_routed(self, texts: list[str]) -> dict[str, Any]:
+        choices = await self.route(texts, "classify")
+        groups: dict[str, list[int]] = {}
+        for index, choice in enumerate(choices):
+            groups.setdefault(choice.adapter, []).append(index)
+        answers = await asyncio.gather(*(self._classify_with(name, [texts[i] for i in rows]) for name, rows in groups.items()))
+        results: list[dict[str, Any] | None] = [None] * len(texts)
+        for (name, rows), answer in zip(groups.items(), answers):
+            for index, result in zip(rows, answer["results"]):
+                results[index] = {**result, "adapter": name, "labels": answer["labels"],
+                                  "routing": choices[index].to_dict(self.router.name)}
+        return {"model": self.model_name, "adapter": AUTO_ADAPTER, "router": self.router.name,
+                "routed_to": [c.adapter for c in choices], "results": results}
+
+    def _check_texts(self, texts: Sequence[str]) -> None:
         if self.kind != "encoder":
             raise WrongEndpointError(f"this server runs the causal LM {self.model_name!r}; use /v1/completions or "
                                      "/v1/chat/completions (/v1/classify needs a classification model, e.g. minilm)")
@@ -289,7 +343,8 @@ class AdapterServer:
             if len(text) > limits.max_text_chars:
                 raise RequestTooLargeError(f"texts[{number}] has {len(text)} characters; the limit is "
                                            f"{limits.max_text_chars} (--max-text-chars)")
-        self.check_adapter_name(adapter)
+
+    async def _classify_with(self, adapter: str, texts: Sequence[str]) -> dict[str, Any]:
         request = Request(kind="classify", adapter=adapter, rows=len(texts), payload=ClassifyWork(list(texts)),
                           batch_key="classify")
         result: Classification = await self._run(request)
@@ -300,6 +355,35 @@ class AdapterServer:
             "results": [{"label": labels[label_id], "label_id": label_id, "probabilities": probabilities}
                         for label_id, probabilities in zip(result.label_ids, result.probabilities)],
         }
+
+    # --- routing ------------------------------------------------------------------------------
+
+    async def route(self, texts: Sequence[str], endpoint: str) -> list[RouteChoice]:
+        """The adapter `self.router` chooses for each text, from the routable adapters' routing data."""
+        started = time.perf_counter()
+        table = await asyncio.to_thread(self.routing.table)
+        if not table.names:
+            problems = self.routing.summary()["problems"]
+            detail = f" ({len(problems)} have routing data this server cannot use; see GET /v1/routing)" if problems else ""
+            raise UnknownAdapterError(
+                f"'{AUTO_ADAPTER}' found no adapter with routing data in {self.directory.root}{detail}; name an adapter, "
+                "or write an adapter's routing data with: peftkit routing ADAPTER_FOLDER --task TASK")
+        request = Request(kind="embed", adapter=BASE_ADAPTER, rows=len(texts), payload=EmbedWork(list(texts)),
+                          batch_key="embed")
+        embeddings = await self._run(request)
+        choices = self.router.choose(table, embeddings)
+        seconds = time.perf_counter() - started
+        for text, choice in zip(texts, choices):
+            self.routing_log.append({"time": time.time(), "endpoint": endpoint, "text": text[:160],
+                                     "ms": round(1000 * seconds, 1), **choice.to_dict(self.router.name)})
+        return choices
+
+    async def resolve_adapters(self, name: str, texts: Sequence[str], endpoint: str) -> tuple[list[str], list[dict] | None]:
+        """The adapter per text: `name` for each, or where `name` is "auto" the routed ones (and their routing)."""
+        if name != AUTO_ADAPTER:
+            return [name] * len(texts), None
+        choices = await self.route(texts, endpoint)
+        return [c.adapter for c in choices], [c.to_dict(self.router.name) for c in choices]
 
     def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a completion prompt, or of chat messages through the tokenizer's chat template."""
@@ -352,12 +436,21 @@ class AdapterServer:
         self.batcher.submit(request)
         return await self._result(request)
 
-    @staticmethod
-    async def _result(request: Request):
+    async def _result(self, request: Request):
         try:
-            return await request.future
+            result = await request.future
         except PeftkitError as error:
+            self._observe(request, ok=False)
             raise _as_adapter_error(request.adapter, error) from None
+        except Exception:
+            self._observe(request, ok=False)
+            raise
+        self._observe(request, ok=True)
+        return result
+
+    def _observe(self, request: Request, ok: bool) -> None:
+        if request.kind != "embed":
+            self.traffic.observe(request.adapter, request.rows, time.perf_counter() - request.enqueued_at, ok)
 
 
 def _as_adapter_error(name: str, error: Exception) -> Exception:

@@ -142,7 +142,23 @@ def train_classifier(
     )
     if is_main_process():
         io.write_json(output_dir / "job.json", job.to_dict())
+        if not wrapped.is_full_finetune and not quantize:
+            write_routing(wrapped, tokenizer, [e.text for e in data.train], adapter_dir, model, task_id, max_length, seed)
     return job
+
+
+def write_routing(wrapped: PeftModel, tokenizer, texts: list[str], folder: Path, model, task: str, max_length: int,
+                  seed: int, max_texts: int = 512) -> None:
+    """Write the adapter's routing data (peftkit.serve.routing): base-model embeddings of a sample of its
+    training inputs, computed with the adapter switched off, so that `peftkit serve` can route to it."""
+    from peftkit.serve.routing import embed_texts, model_reference, routing_data_from, sample_texts, write_routing_data
+
+    was_training = wrapped.training
+    wrapped.eval()
+    with wrapped.disable_adapter():
+        embeddings = embed_texts(wrapped, tokenizer, sample_texts(texts, max_texts, seed), max_length)
+    wrapped.train(was_training)
+    write_routing_data(folder, routing_data_from(embeddings, model_reference(model), task=task, seed=seed))
 
 
 # --------------------------------------------------------------------------- pieces the jobs share
