@@ -16,7 +16,7 @@ import pytest
 # Every package that is an extra of peftkit (pyproject.toml) or only a test / benchmark dependency and that
 # no core dependency brings (httpx and psutil come with huggingface-hub and accelerate, so they are left out).
 OPTIONAL_PACKAGES = ("fastapi", "uvicorn", "starlette", "peft", "datasets", "trl", "tensorboard", "mlflow", "wandb",
-                     "hypothesis", "pytest")
+                     "hypothesis", "pytest", "flwr", "flwr_datasets", "ray")
 
 
 def peftkit_without_extras(*args, timeout=600):
@@ -50,7 +50,7 @@ def test_importing_peftkit_and_its_cli_imports_no_optional_package():
 
 def test_every_command_has_help_without_the_optional_packages():
     names = command_names()
-    assert {"train", "eval", "predict", "inspect", "merge", "export", "serve", "combine", "compare"} <= set(names)
+    assert {"train", "eval", "predict", "inspect", "merge", "export", "serve", "combine", "compare", "federate"} <= set(names)
     result = peftkit_without_extras("--help")
     assert result.returncode == 0, result.stderr
     for name in names:
@@ -64,6 +64,14 @@ def test_serve_without_its_extra_names_the_extra_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert 'pip install "peftkit[serve]"' in result.stderr and "fastapi" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_federate_without_its_extra_names_the_extra_in_one_line(tmp_path):
+    result = peftkit_without_extras("federate", "--output-dir", tmp_path / "fed", "--rounds", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert 'pip install "peftkit[federated]"' in result.stderr and "flwr" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -20,6 +20,9 @@ EXTRA_OF = {
     "trl": "trl",
     "PIL": "vision",
     "codecarbon": "energy",
+    "flwr": "federated",
+    "flwr_datasets": "federated",
+    "ray": "federated",
 }
 
 

@@ -485,13 +485,25 @@ class PeftModel(nn.Module):
         if whole_model is not None:
             raise whole_model.refuse("load", folder=folder)
         path = os.path.join(folder, io.WEIGHTS_NAME)
-        file_tensors = io.read_tensors(path)
+        self.load_adapter_state(adapter_name, io.read_tensors(path), where=path)
+        if is_trainable:
+            self._inference_only.discard(adapter_name)
+        else:
+            self._inference_only.add(adapter_name)
+        self._apply_active_state()
+
+    def load_adapter_state(self, adapter_name: str, file_tensors: dict[str, torch.Tensor], where: str = "the tensors") -> None:
+        """Copy tensors keyed as `adapter_state(adapter_name)` gives them into that adapter, in place.
+
+        Every key must be present and fit (`where` names their source in errors); the inverse of adapter_state.
+        """
+        self._require_adapter(adapter_name)
         expected = self.adapter_state(adapter_name)
         missing = [k for k in expected if k not in file_tensors]
         unexpected = [k for k in file_tensors if k not in expected]
         if missing or unexpected:
             raise PeftkitError(
-                f"{path} does not fit this model with its config: "
+                f"{where} does not fit this model with its config: "
                 + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
                 + (f"{len(unexpected)} tensors the model has no place for (e.g. {unexpected[:3]})" if unexpected else "")
                 + "; was it saved from another base model?"
@@ -505,12 +517,7 @@ class PeftModel(nn.Module):
             module.adapters[adapter_name].load_file_tensors(own, module.base_layer, where=prefix.rstrip("."))
         if adapter_name in self.model_adapters:
             owner = self.model_adapters[adapter_name]
-            owner.load_file_tensors({k: file_tensors[k] for k in owner.file_tensors()}, where=path)
-        if is_trainable:
-            self._inference_only.discard(adapter_name)
-        else:
-            self._inference_only.add(adapter_name)
-        self._apply_active_state()
+            owner.load_file_tensors({k: file_tensors[k] for k in owner.file_tensors()}, where=where)
 
 
 def _new_instance(cls, *args):

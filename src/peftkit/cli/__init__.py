@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftkit.cli import combine, compare, estimate, evaluate, export, generate, inspect, merge, routing, serve, train
+from peftkit.cli import combine, compare, estimate, evaluate, export, federate, generate, inspect, merge, routing, serve, train
 from peftkit.errors import PeftkitError
 
 # In the order `peftkit --help` lists them.
-COMMANDS = (train, evaluate, inspect, merge, generate, export, serve, routing, combine, compare, estimate)
+COMMANDS = (train, evaluate, inspect, merge, generate, export, serve, routing, combine, compare, estimate, federate)
 
 
 def build_parser() -> argparse.ArgumentParser:
