@@ -112,6 +112,9 @@ def test_training_learns_and_reports(tmp_path):
         "output_dir",
         "median_step_time_s",
         "stopped_by_time_limit",
+        "cpu_seconds",
+        "energy_kwh",
+        "energy_note",
     }
     assert set(metrics) == expected_keys
     assert metrics["examples_seen"] == 4 * 200 and metrics["peak_rss_mb"] > 10

@@ -219,11 +219,12 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_builtin_models_and_their_kinds():
-    assert zoo.list_models() == ["minilm", "smollm2"]
-    assert {name: model.kind for name, model in zoo.BUILTIN_MODELS.items()} == {"minilm": "encoder", "smollm2": "causal"}
+    assert zoo.list_models() == ["efficientnet-lite0", "minilm", "smollm2"]
+    assert {name: model.kind for name, model in zoo.BUILTIN_MODELS.items()} == {
+        "minilm": "encoder", "smollm2": "causal", "efficientnet-lite0": "image"}
     with pytest.raises(ValueError, match="kind must be one of"):
         zoo.BuiltinModel(name="x", description="", pip_package="x", module="x", kind="decoder", subfolder="m")
-    with pytest.raises(ValueError, match="exactly one of subfolder and gguf_file"):
+    with pytest.raises(ValueError, match="exactly one of subfolder, gguf_file and state_dict_file"):
         zoo.BuiltinModel(name="x", description="", pip_package="x", module="x", kind="causal", subfolder="m", gguf_file="x.gguf")
 
 

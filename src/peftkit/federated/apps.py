@@ -129,6 +129,9 @@ class AdapterFedAvg(FedAvg):
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         entry = self.record(server_round)
         entry.sampled = len(messages)
+        # Every sampled client counts as failed until its update is aggregated: a wrapper (Flower's privacy
+        # strategies) may drop a round whose replies all failed without calling aggregate_train at all.
+        entry.trained, entry.failures = 0, entry.sampled
         entry.bytes_down = sum(record_bytes(m.content[ARRAYS]) for m in messages)
         return messages
 
