@@ -108,3 +108,10 @@ def test_real_minilm_train_eval_predict_inspect_merge(tmp_path):
         assert abs(float(row.max()) - expected["probability"]) < 1e-3
     again = peftkit("merge", adapter, "--output", merged, check=False)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_routing_on_a_missing_folder_says_it_is_not_a_folder(tmp_path):
+    result = peftkit("routing", tmp_path / "nothing", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"peftkit: error: {tmp_path / 'nothing'} is not a folder; give an adapter folder (runs/NAME/adapter, or one in the served directory)")

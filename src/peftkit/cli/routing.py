@@ -34,6 +34,8 @@ def _routing(args) -> int:
     from peftkit.train.job import read_run_info
 
     folder = Path(args.adapter)
+    if not folder.is_dir():
+        raise PeftkitError(f"{folder} is not a folder; give an adapter folder (runs/NAME/adapter, or one in the served directory)")
     info = read_run_info(folder / "adapter" if (folder / "adapter").is_dir() else folder)
     task, model = args.task or info.get("task"), args.model or info.get("model")
     if not task or not model:
