@@ -28,8 +28,8 @@ from peftkit.config import PeftConfig
 from peftkit.errors import PeftkitError
 from peftkit.models import BUILTIN_MODELS, resolve_model
 from peftkit.registry import default_learning_rate, method_config
-from peftkit.train.data import DEFAULT_VALIDATION_FRACTION, describe_holdout, hold_out_validation, with_validation
-from peftkit.train.job import JobResult, folder_bytes, read_run_info, save_run, training_arguments, wrap_with_adapter
+from peftkit.train.data import DEFAULT_VALIDATION_FRACTION, describe_holdout, with_validation
+from peftkit.train.job import JobResult, examples_for_run, folder_bytes, read_run_info, save_run, training_arguments, wrap_with_adapter
 from peftkit.train.loop import train
 from peftkit.train.processes import is_main_process
 from peftkit.vision.data import BUILTIN_IMAGE_TASKS, check_images, load_image_task
@@ -177,20 +177,8 @@ def evaluate_image_run(folder, task: str | None = None, split: str = "validation
                        max_examples: int | None = None) -> dict[str, Any]:
     """Accuracy of a saved image run on a task split (default: the task it was trained on)."""
     classifier, preprocessor, info = load_image_run(folder, model=model)
-    task = task or info.get("task")
-    if task is None:
-        raise PeftkitError(f"{folder} does not say which task it was trained on; pass --task")
-    same_task = task == info.get("task")
-    data = load_image_task(task, image_column=info.get("image_column", "image") if same_task else "image",
-                           label_column=info.get("label_column", "label") if same_task else "label")
-    holdout = info.get("validation_holdout") if same_task else None
-    if holdout and not data.validation:  # the split the run held out of its training images, rebuilt exactly
-        data = hold_out_validation(data, holdout["fraction"], holdout["seed"])
-    examples = getattr(data, split, None)
-    if not examples:
-        available = [s for s in ("train", "validation", "test") if getattr(data, s, None)]
-        raise PeftkitError(f"task {task!r} has no {split!r} split; it has: {', '.join(available)}")
-    examples = examples[:max_examples] if max_examples else examples
+    task, examples = examples_for_run(folder, info, task, split, max_examples,
+                                      lambda name, columns: load_image_task(name, **columns), "image_column", "image")
     probabilities = predict_images(classifier, preprocessor, [example.image for example in examples])
     labels = torch.tensor([example.label for example in examples])
     accuracy = (probabilities.argmax(-1) == labels).float().mean().item()

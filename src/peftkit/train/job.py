@@ -312,24 +312,33 @@ def evaluate_run(folder, task: str | None = None, split: str = "validation", mod
                  max_examples: int | None = None) -> dict[str, Any]:
     """Accuracy of a saved run on a task split (default: the task it was trained on)."""
     classifier, tokenizer, info = load_run(folder, model=model)
+    task, examples = examples_for_run(folder, info, task, split, max_examples,
+                                      lambda name, columns: zoo.load_task(name, **columns), "text_column", "text")
+    probabilities = predict_texts(classifier, tokenizer, [e.text for e in examples], info.get("max_length", 128))
+    labels = torch.tensor([e.label for e in examples])
+    accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
+    return {"task": task, "split": split, "examples": len(examples), "accuracy": accuracy}
+
+
+def examples_for_run(folder, info: dict, task: str | None, split: str, max_examples: int | None, load_task,
+                     input_column: str, default_input: str) -> tuple[str, list]:
+    """The examples a saved run is evaluated on: `split` of `task` (default: the run's own task, read with the
+    run's columns and with the validation split it held out rebuilt exactly). `load_task(name, columns)` reads a
+    task given {input_column: ..., "label_column": ...}."""
     task = task or info.get("task")
     if task is None:
         raise PeftkitError(f"{folder} does not say which task it was trained on; pass --task")
     same_task = task == info.get("task")
-    data = zoo.load_task(task, text_column=info.get("text_column", "text") if same_task else "text",
-                         label_column=info.get("label_column", "label") if same_task else "label")
+    data = load_task(task, {input_column: info.get(input_column, default_input) if same_task else default_input,
+                            "label_column": info.get("label_column", "label") if same_task else "label"})
     holdout = info.get("validation_holdout") if same_task else None
-    if holdout and not data.validation:  # the split the run held out of its train file, rebuilt exactly
+    if holdout and not data.validation:  # the split the run held out of its training data, rebuilt exactly
         data = hold_out_validation(data, holdout["fraction"], holdout["seed"])
     examples = getattr(data, split, None)
     if not examples:
         available = [s for s in ("train", "validation", "test") if getattr(data, s, None)]
         raise PeftkitError(f"task {task!r} has no {split!r} split; it has: {', '.join(available)}")
-    examples = examples[:max_examples] if max_examples else examples
-    probabilities = predict_texts(classifier, tokenizer, [e.text for e in examples], info.get("max_length", 128))
-    labels = torch.tensor([e.label for e in examples])
-    accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
-    return {"task": task, "split": split, "examples": len(examples), "accuracy": accuracy}
+    return task, examples[:max_examples] if max_examples else examples
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
