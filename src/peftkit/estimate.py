@@ -16,12 +16,17 @@ with the method exactly as `peftkit train` would, and counts:
 - workspace: what the backward pass and the optimizer allocate on top (the gradient of the largest saved
   tensor, usually the logits, twice; where the base is quantized, the float copy and index tensors of the
   largest quantized weight that dequantizing makes);
+- allocator: what the process holds on top of the live tensors while they come and go every step. The
+  CPU allocator (glibc malloc) keeps freed blocks for reuse, and a forward pass makes short-lived tensors
+  that are never saved; over the first steps the RSS settles at about TRANSIENT_FACTOR x (activations +
+  workspace), measured on smollm2 (135M, real weights) with benchmarks/scaling.py and checked there on
+  the larger models;
 - runtime: Python, torch, transformers and peftkit themselves, a constant measured on this project's
   CPU build (RUNTIME_BYTES, see benchmarks/scaling.py).
 
-The peak is taken as runtime + weights + optimizer state + the larger of (activations + workspace) and
-gradients: with full fine-tuning the gradients fill in as the activations are freed, so the two are not
-held in full at once. The verdict compares it with the memory available now (MemAvailable, or
+The peak is taken as runtime + weights + optimizer state + the larger of (activations + workspace +
+allocator) and gradients: with full fine-tuning the gradients fill in as the activations are freed, so the
+two are not held in full at once. The verdict compares it with the memory available now (MemAvailable, or
 $PEFTKIT_AVAILABLE_MEMORY, e.g. "2GiB", which tests use to force a refusal).
 """
 
@@ -42,9 +47,13 @@ from peftkit.errors import PeftkitError
 RUNTIME_BYTES = 452 * 2**20
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the trainable parameters
 AVAILABLE_MEMORY_VARIABLE = "PEFTKIT_AVAILABLE_MEMORY"
-# Dequantizing a weight of n values on the CPU holds the index tensor (int64, n / 2 for NF4), the looked-up
-# values and the scaled copy (float32, n each): about 12 bytes per value at once, for the largest layer.
-DEQUANTIZE_BYTES_PER_VALUE = 12
+# Dequantizing a weight of n values on the CPU holds the index tensor (int32, n / 2 for NF4) and the looked-up
+# values, scaled in place (float32, n): about 6 bytes per value at once, for the largest layer.
+DEQUANTIZE_BYTES_PER_VALUE = 6
+# Peak RSS over a step's transient memory (saved activations + backward workspace) once the allocator has
+# settled (after 3-5 steps): 1.5x (LoRA, float32 base) to 1.8x (LoRA on NF4) on smollm2 with batch 1-4 x 256
+# tokens (benchmarks/scaling.py rows; /proc VmHWM). One factor for all settings keeps the estimate simple.
+TRANSIENT_FACTOR = 1.6
 
 
 @dataclasses.dataclass
@@ -65,12 +74,13 @@ class MemoryEstimate:
     activations_bytes: int
     workspace_bytes: int
     runtime_bytes: int
+    allocator_bytes: int = 0
     available_bytes: int | None = None  # memory available on this machine when estimated
 
     @property
     def peak_bytes(self) -> int:
         return (self.runtime_bytes + self.weights_bytes + self.optimizer_bytes
-                + max(self.activations_bytes + self.workspace_bytes, self.gradients_bytes))
+                + max(self.activations_bytes + self.workspace_bytes + self.allocator_bytes, self.gradients_bytes))
 
     @property
     def fits(self) -> bool | None:
@@ -269,6 +279,7 @@ def estimate_training_memory(model: str | os.PathLike, method: str = "lora", *, 
         trainable_parameters=sum(p.numel() for p in {id(p): p for p in trainable}.values()),
         weights_bytes=weights, gradients_bytes=trainable_bytes, optimizer_bytes=ADAM_STATES * trainable_bytes,
         activations_bytes=activations, workspace_bytes=workspace, runtime_bytes=RUNTIME_BYTES,
+        allocator_bytes=int((TRANSIENT_FACTOR - 1) * (activations + workspace)),
         available_bytes=available_memory_bytes() if available_bytes is None else available_bytes,
     )
 
@@ -344,6 +355,7 @@ def describe(estimate: MemoryEstimate) -> list[tuple[str, str]]:
         ("optimizer state (AdamW)", gib(estimate.optimizer_bytes)),
         ("activations", gib(estimate.activations_bytes)),
         ("backward workspace", gib(estimate.workspace_bytes)),
+        ("allocator (measured)", gib(estimate.allocator_bytes)),
         ("runtime (Python, torch)", gib(estimate.runtime_bytes)),
         ("predicted peak", gib(estimate.peak_bytes)),
     ]

