@@ -184,14 +184,29 @@ def run_child(arguments: list[str], log: Path) -> tuple[dict | None, float, int]
     return result, peak_mib, code
 
 
-def measure_row(model_name: str, setting: str, args, workdir: Path) -> dict:
-    from peftkit.estimate import available_memory_bytes, estimate_training_memory
+def estimate_row(model_name: str, setting: str, batch_size: int, length: int):
+    from peftkit.estimate import estimate_training_memory
 
     method, quantize, checkpointing = SETTINGS[setting]
+    return estimate_training_memory(MODELS[model_name][0], method, quantize=quantize, batch_size=batch_size,
+                                    max_length=length, gradient_checkpointing=checkpointing,
+                                    method_options=options_of(method))
+
+
+def reestimate(row: dict) -> dict:
+    """A measured row with the current `peftkit.estimate` (the measurement does not depend on it)."""
+    estimate = estimate_row(row["model"], row["setting"], row["batch_size"], row["length"])
+    row.update(estimate=estimate.to_dict(), estimate_bytes=estimate.peak_bytes)
+    if row["status"] == "ok":
+        row["ratio"] = estimate.peak_bytes / row["peak_rss_bytes"]
+    return row
+
+
+def measure_row(model_name: str, setting: str, args, workdir: Path) -> dict:
+    from peftkit.estimate import available_memory_bytes
+
     source, weights = MODELS[model_name]
-    estimate = estimate_training_memory(source, method, quantize=quantize, batch_size=args.batch_size,
-                                        max_length=args.length, gradient_checkpointing=checkpointing,
-                                        method_options=options_of(method))
+    estimate = estimate_row(model_name, setting, args.batch_size, args.length)
     row = {"model": model_name, "weights": weights, "setting": setting, "batch_size": args.batch_size, "length": args.length,
            "estimate": estimate.to_dict(), "estimate_bytes": estimate.peak_bytes, "parameters": estimate.total_parameters,
            "trainable_parameters": estimate.trainable_parameters}
@@ -330,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--runtime", action="store_true", help="measure the runtime constant")
+    parser.add_argument("--from-rows", default=None, metavar="ROWS.jsonl",
+                        help="measure nothing: the rows.jsonl of an earlier run, estimated again, to the table, --json and --plot")
     parser.add_argument("--loading", default=None, help="measure low-memory loading of this model (NF4 and int8)")
     parser.add_argument("--loading-formats", default="nf4,int8")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -372,7 +389,9 @@ def main(argv=None) -> int:
         return 0
 
     rows = []
-    for model_name in args.models.split(","):
+    if args.from_rows:
+        rows = [reestimate(json.loads(line)) for line in Path(args.from_rows).read_text().splitlines() if line.strip()]
+    for model_name in [] if args.from_rows else args.models.split(","):
         for setting in args.settings.split(","):
             row = measure_row(model_name, setting, args, workdir)
             rows.append(row)
@@ -387,8 +406,11 @@ def main(argv=None) -> int:
         plot(rows, Path(args.plot))
     if args.json:
         existing = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+        command = "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        if args.from_rows:  # the rows were measured by the earlier command; this one estimated them again
+            existing["measured_by"] = existing.get("measured_by") or existing.get("command")
         existing.update({
-            "command": "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command,
             "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "rows": rows, "projection": projected, "lora_7b": choices, "markdown": markdown,

@@ -295,3 +295,44 @@ def test_the_command_checks_its_options_and_writes_the_flower_app(tiny_folder, t
     config = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
     settings = FederationSettings.from_run_config(config)
     assert settings.clients == 2 and settings.method_options == {"r": 2} and settings.dp_noise_multiplier == 0.3
+
+
+@pytest.mark.slow
+def test_a_server_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_folder, tiny_task, tmp_path):
+    """`peftkit federate` killed (SIGKILL, the whole process group: the server and Flower's workers) after a
+    round's checkpoint; `--resume` goes on from that round and keeps the history from before the kill."""
+    import signal
+
+    output = tmp_path / "fed"
+    command = [sys.executable, "-m", "peftkit.cli", "federate",
+               "--model", str(tiny_folder), "--task", str(tiny_task), "--set", "r=2", "--set", 'target_modules=["query","value"]',
+               "--clients", "3", "--rounds", "6", "--fraction", "1.0", "--local-steps", "3", "--batch-size", "8",
+               "--learning-rate", "0.01", "--max-length", "16", "--round-timeout", "120", "--output-dir", str(output)]
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_after = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            state = rounds.read_checkpoint(output) if (output / rounds.CHECKPOINT_DIRNAME).is_dir() else None
+            if state is not None and state[0] >= 1:
+                killed_after = state[0]
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        log.close()
+    assert killed_after is not None, (tmp_path / "first.log").read_text()[-3000:]
+    assert process.returncode == -signal.SIGKILL
+    number, _, history, _ = rounds.read_checkpoint(output)  # the checkpoint survived the kill whole
+    assert killed_after <= number < 6 and [r.round for r in history] == list(range(1, number + 1))
+    assert not (output / "federation.json").exists()
+    before = [r.to_dict() for r in history]
+    resumed = subprocess.run([*command, "--resume", "--json"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((output / "federation.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5, 6]
+    assert report["rounds"][:number] == before

@@ -18,16 +18,16 @@ with the method exactly as `peftkit train` would, and counts:
   largest quantized weight that dequantizing makes);
 - allocator: what the process holds on top of the live tensors while they come and go every step. The
   CPU allocator (glibc malloc) keeps freed blocks for reuse, and a forward pass makes short-lived tensors
-  that are never saved; over the first steps the RSS settles at about TRANSIENT_FACTOR x (activations +
-  workspace), measured on smollm2 (135M, real weights) with benchmarks/scaling.py and checked there on
-  the larger models;
+  that are never saved; over the first steps the RSS settles at about a factor x (activations +
+  workspace), 1.5 on a float base, 2 on a quantized one, 3 on a quantized one with gradient
+  checkpointing (TRANSIENT_FACTORS, measured with benchmarks/scaling.py);
 - runtime: Python, torch, transformers and peftkit themselves, a constant measured on this project's
   CPU build (RUNTIME_BYTES, see benchmarks/scaling.py).
 
-The peak is taken as runtime + weights + optimizer state + the larger of (activations + workspace +
-allocator) and gradients: with full fine-tuning the gradients fill in as the activations are freed, so the
-two are not held in full at once. The verdict compares it with the memory available now (MemAvailable, or
-$PEFTKIT_AVAILABLE_MEMORY, e.g. "2GiB", which tests use to force a refusal).
+The peak is taken as the sum of all parts: runtime + weights + gradients + optimizer state + activations +
+workspace + allocator. (With full fine-tuning the gradients fill in as the activations are freed, but the
+allocator does not hand the freed activations' memory back in time: measured, the two add up.)
+The verdict compares it with the memory available now (MemAvailable, or $PEFTKIT_AVAILABLE_MEMORY, e.g. "2GiB", which tests use to force a refusal).
 """
 
 from __future__ import annotations
@@ -50,10 +50,18 @@ AVAILABLE_MEMORY_VARIABLE = "PEFTKIT_AVAILABLE_MEMORY"
 # Dequantizing a weight of n values on the CPU holds the index tensor (int32, n / 2 for NF4) and the looked-up
 # values, scaled in place (float32, n): about 6 bytes per value at once, for the largest layer.
 DEQUANTIZE_BYTES_PER_VALUE = 6
-# Peak RSS over a step's transient memory (saved activations + backward workspace) once the allocator has
-# settled (after 3-5 steps): 1.5x (LoRA, float32 base) to 1.8x (LoRA on NF4) on smollm2 with batch 1-4 x 256
-# tokens (benchmarks/scaling.py rows; /proc VmHWM). One factor for all settings keeps the estimate simple.
-TRANSIENT_FACTOR = 1.6
+# Peak RSS over a step's transient memory (saved activations + backward workspace), once the allocator has
+# settled (3-5 steps), by setting. The CPU allocator (glibc) keeps freed blocks for reuse and a forward pass
+# makes short-lived tensors it never saves; every dequantization of a quantized base (forward, backward, and
+# the recomputed forward with gradient checkpointing) adds more such blocks. Fitted on the SmolLM2 135M, 360M
+# and 1.7B rows of benchmarks/scaling.py (batch 1 x 256 tokens; measured 1.27-1.78 float, 1.69-2.22 NF4,
+# 2.24-3.59 NF4 with checkpointing) and checked on Llama-3.2-3B's rows, which the fit did not see.
+TRANSIENT_FACTORS = {  # (quantized base, gradient checkpointing) -> factor
+    (False, False): 1.5,
+    (False, True): 2.0,  # not measured: a float base with checkpointing recomputes without dequantizing
+    (True, False): 2.0,
+    (True, True): 3.0,
+}
 
 
 @dataclasses.dataclass
@@ -79,8 +87,8 @@ class MemoryEstimate:
 
     @property
     def peak_bytes(self) -> int:
-        return (self.runtime_bytes + self.weights_bytes + self.optimizer_bytes
-                + max(self.activations_bytes + self.workspace_bytes + self.allocator_bytes, self.gradients_bytes))
+        return (self.runtime_bytes + self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+                + self.activations_bytes + self.workspace_bytes + self.allocator_bytes)
 
     @property
     def fits(self) -> bool | None:
@@ -279,7 +287,7 @@ def estimate_training_memory(model: str | os.PathLike, method: str = "lora", *, 
         trainable_parameters=sum(p.numel() for p in {id(p): p for p in trainable}.values()),
         weights_bytes=weights, gradients_bytes=trainable_bytes, optimizer_bytes=ADAM_STATES * trainable_bytes,
         activations_bytes=activations, workspace_bytes=workspace, runtime_bytes=RUNTIME_BYTES,
-        allocator_bytes=int((TRANSIENT_FACTOR - 1) * (activations + workspace)),
+        allocator_bytes=int((TRANSIENT_FACTORS[bool(quantize), bool(gradient_checkpointing)] - 1) * (activations + workspace)),
         available_bytes=available_memory_bytes() if available_bytes is None else available_bytes,
     )
 
