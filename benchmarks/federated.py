@@ -1,7 +1,7 @@
 """Federated LoRA on Flower's simulation engine: aggregation rules, IID against non-IID data, centralized
 training and each client alone, communication, and personalization.
 
-    python benchmarks/federated.py                                  # minilm on sst2 and trec (about 25 minutes on 2 cores)
+    python benchmarks/federated.py                                  # minilm on sst2 and trec (about 30 minutes on 2 quiet cores)
     python benchmarks/federated.py --tasks sst2 --partitions iid --aggregations delta --rounds 2   # smoke
     python benchmarks/federated.py --json benchmarks/results/federated.json --plot benchmarks/results/federated.png
 
@@ -9,9 +9,9 @@ For each task and partition (IID, Dirichlet alpha=0.5 over the labels) of the ta
 among 10 clients (Flower Datasets), every aggregation rule runs a Flower simulation: each round 4 of
 the 10 clients (fraction 0.4) train LoRA (r=8 on query,value, plus the new head) for one local epoch on
 their own examples, and every client scores the global adapter on its own held-out part (20% of its
-examples). To keep the run short each client owns at most --max-examples-per-client examples (80 by
-default: 64 to train on, 16 held out; 800 of the task's training examples are used, the same ones by
-every contender).
+examples). To keep the run short each client owns at most --max-examples-per-client examples (240 by
+default: 192 to train on, 48 held out; 2,400 of the task's training examples are used, the same ones by
+every contender), for 8 rounds.
 
 Against the same examples, and for centralized training the same budget of optimizer steps (rounds x
 clients per round x a client's mean steps per local epoch):
@@ -110,8 +110,8 @@ def main() -> int:
     parser.add_argument("--aggregations", default="fedavg-factors,delta,frozen-a")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--fraction", type=float, default=0.4)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--max-examples-per-client", type=int, default=80)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--max-examples-per-client", type=int, default=240)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--personal-steps", type=int, default=10)

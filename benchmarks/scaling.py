@@ -216,7 +216,7 @@ def measure_row(model_name: str, setting: str, args, workdir: Path) -> dict:
                    f"available less a {RESERVE_BYTES / 2**30:.0f} GiB reserve")
         return row
     big = estimate.total_parameters > 1e9
-    warmup, steps = (min(1, args.warmup), min(2, args.steps)) if big else (args.warmup, args.steps)
+    warmup, steps = (min(1, args.warmup), min(3, args.steps)) if big else (args.warmup, args.steps)
     log = workdir / f"{model_name}-{setting}.log"
     row["load_average_before"] = load_average()
     result, peak_mib, code = run_child(["--child", model_name, setting, "--batch-size", str(args.batch_size), "--length",

@@ -14,8 +14,8 @@ with the method exactly as `peftkit train` would, and counts:
   counts as its base, once). With gradient checkpointing, each decoder / encoder block keeps only its
   input, and one block's saved tensors exist again while it is recomputed in the backward pass;
 - workspace: what the backward pass and the optimizer allocate on top (the gradient of the largest saved
-  tensor, usually the logits, twice; where the base is quantized, the float copy and index tensors of the
-  largest quantized weight that dequantizing makes);
+  tensor, usually the logits, twice; where the base is quantized, the reused buffers that dequantizing
+  fills, one per distinct layer size);
 - allocator: what the process holds on top of the live tensors while they come and go every step. The
   CPU allocator (glibc malloc) keeps freed blocks for reuse, and a forward pass makes short-lived tensors
   that are never saved; over the first steps the RSS settles at about a factor x (activations +
@@ -47,8 +47,8 @@ from peftkit.errors import PeftkitError
 RUNTIME_BYTES = 452 * 2**20
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the trainable parameters
 AVAILABLE_MEMORY_VARIABLE = "PEFTKIT_AVAILABLE_MEMORY"
-# Dequantizing a weight of n values on the CPU holds the index tensor (int32, n / 2 for NF4) and the looked-up
-# values, scaled in place (float32, n): about 6 bytes per value at once, for the largest layer.
+# Dequantizing a weight of n values on the CPU fills a reused buffer of int32 indices (n / 2 for NF4) and one
+# of float32 values (n), scaled in place: 6 bytes per value, kept for each distinct layer size.
 DEQUANTIZE_BYTES_PER_VALUE = 6
 # Peak RSS over a step's transient memory (saved activations + backward workspace), once the allocator has
 # settled (3-5 steps), by setting. The CPU allocator (glibc) keeps freed blocks for reuse and a forward pass
@@ -239,10 +239,11 @@ def saved_activation_bytes(model, kind: str, batch_size: int, max_length: int, g
     return outside + sum(block_inputs.values()) + max(per_block), largest
 
 
-def _largest_quantized_values(model) -> int:
+def _dequantize_scratch_values(model) -> int:
+    """Values of the reused dequantization buffers a training step keeps: one per distinct layer size."""
     from peftkit.quantize import QuantizedLinear
 
-    return max((m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)), default=0)
+    return sum({m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)})
 
 
 def estimate_training_memory(model: str | os.PathLike, method: str = "lora", *, quantize: str | None = None,
@@ -278,7 +279,7 @@ def estimate_training_memory(model: str | os.PathLike, method: str = "lora", *, 
     weights = tensor_bytes([*wrapped.parameters(), *wrapped.buffers()])
     trainable_bytes = tensor_bytes(trainable)
     activations, largest = saved_activation_bytes(wrapped, kind, batch_size, max_length, gradient_checkpointing)
-    workspace = 2 * largest + DEQUANTIZE_BYTES_PER_VALUE * _largest_quantized_values(wrapped)
+    workspace = 2 * largest + DEQUANTIZE_BYTES_PER_VALUE * _dequantize_scratch_values(wrapped)
     return MemoryEstimate(
         model=str(model), method=method, quantize=quantize, batch_size=batch_size, max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
