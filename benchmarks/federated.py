@@ -130,6 +130,11 @@ def main() -> int:
                               max_examples_per_client=args.max_examples_per_client, seed=args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="peftkit-federated-bench-"))
     runs, comparisons = [], []
+    tables = [f"{args.model}, LoRA r={args.r} on query,value (+ the head); {args.clients} clients, {args.fraction:g} of them sampled "
+              f"per round, {args.rounds} rounds of one local epoch; at most {args.max_examples_per_client} examples per client "
+              f"(80% to train on, 20% held out for its own evaluation); batch {args.batch_size}, learning rate "
+              f"{args.learning_rate:g}; Flower's simulation engine on {os.cpu_count()} CPU cores. Accuracy: the clients' "
+              "held-out accuracies of the global adapter, weighted by their sizes."]
     for task in args.tasks.split(","):
         for partition in args.partitions.split(","):
             reports = [run_federation(base, workdir, task, partition, rule) for rule in args.aggregations.split(",")]
@@ -139,18 +144,21 @@ def main() -> int:
             started = time.perf_counter()
             comparison = baselines(settings, final_state(best), args.personal_steps)
             comparison.update(task=task, partition=partition, personalized_rule=best["rule"],
-                              wall_s=time.perf_counter() - started)
+                              personal_steps=args.personal_steps, wall_s=time.perf_counter() - started)
             comparisons.append(comparison)
-            print_partition(task, partition, reports, comparison)
-            save(args, runs, comparisons, verdicts=None)  # what is done so far, in case the run is cut short
+            tables.append(print_partition(task, partition, reports, comparison))
+            save(args, runs, comparisons, verdicts=None, tables=tables)  # what is done so far, in case the run is cut short
             sys.stdout.flush()
-    save(args, runs, comparisons, verdicts=print_targets(runs, comparisons))
+    verdicts = print_targets(runs, comparisons)
+    tables.append("Targets:\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in verdicts.items()))
+    save(args, runs, comparisons, verdicts=verdicts, tables=tables)
     return 0
 
 
-def save(args, runs, comparisons, verdicts) -> None:
+def save(args, runs, comparisons, verdicts, tables) -> None:
     payload = {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]), "settings": vars(args),
-               "complete": verdicts is not None,
+               "measured_at": time.strftime("%Y-%m-%d"), "complete": verdicts is not None,
+               "markdown": "\n\n".join(tables).replace("### ", "#### "),
                "runs": [{k: r[k] for k in ("task", "partition", "rule", "rounds", "adapter_tensor_bytes", "adapter_bytes_per_message",
                                              "whole_model_bytes", "share_of_whole_model", "wall_s")} for r in runs],
                "baselines": comparisons, "targets": verdicts}
@@ -160,22 +168,25 @@ def save(args, runs, comparisons, verdicts) -> None:
         plot(runs, comparisons, args.plot)
 
 
-def print_partition(task, partition, reports, comparison) -> None:
-    print(f"\n### {task}, {partition}: client held-out accuracy per round (weighted mean over the 10 clients)\n")
+def print_partition(task, partition, reports, comparison) -> str:
     rounds = len(reports[0]["rounds"])
-    print("| rule | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | max SVD error | bytes / round | wall s |")
-    print("|---|" + "---|" * (rounds + 3))
+    lines = [f"### {task}, {partition}: client held-out accuracy per round (weighted mean over the 10 clients)", "",
+             "| rule | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | max SVD error | bytes / round | wall s |",
+             "|---|" + "---|" * (rounds + 3)]
     for report in reports:
         cells = [f"{100 * r['client_accuracy']:.2f}" if r["client_accuracy"] is not None else "-" for r in report["rounds"]]
         errors = [r["factorization_error"] for r in report["rounds"] if r["factorization_error"] is not None]
         error = f"{max(errors):.3f}" if errors else "-"
         traffic = report["rounds"][-1]["bytes_down"] + report["rounds"][-1]["bytes_up"]
-        print(f"| {report['rule']} | " + " | ".join(cells) + f" | {error} | {traffic:,} | {report['wall_s']:.0f} |")
-    print(f"\ncentralized (same {comparison['budget_steps']} steps, all clients' examples): {100 * comparison['centralized']:.2f}; "
-          f"each client alone: {100 * comparison['alone']:.2f}")
+        lines.append(f"| {report['rule']} | " + " | ".join(cells) + f" | {error} | {traffic:,} | {report['wall_s']:.0f} |")
+    lines += ["", f"centralized (same {comparison['budget_steps']} steps, all clients' examples): {100 * comparison['centralized']:.2f}; "
+              f"each client alone: {100 * comparison['alone']:.2f}"]
     if "personal_after" in comparison:
-        print(f"personalization ({comparison['personalized_rule']}, then each client's own steps): "
-              f"{100 * comparison['personal_before']:.2f} -> {100 * comparison['personal_after']:.2f}")
+        lines.append(f"personalization ({comparison['personalized_rule']}, then {comparison.get('personal_steps', '')} steps on each "
+                     f"client's own examples): {100 * comparison['personal_before']:.2f} -> {100 * comparison['personal_after']:.2f}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    return text
 
 
 def print_targets(runs, comparisons) -> dict:

@@ -61,6 +61,8 @@ def train_method(method: str, learning_rate: float, args, workdir: Path) -> dict
         command += ["--max-train-examples", str(args.max_train_examples)]
     if args.max_eval_examples:
         command += ["--max-eval-examples", str(args.max_eval_examples)]
+    if args.eval_steps:
+        command += ["--eval-steps", str(args.eval_steps)]
     if method == "lora":
         command += ["--r", str(args.r), "--target-modules", args.targets]
         if args.dropout is not None:
@@ -100,8 +102,39 @@ def train_method(method: str, learning_rate: float, args, workdir: Path) -> dict
         "steps_per_second": job["steps"] / train_only_s if train_only_s else None,
         "process_wall_time_s": wall,
         "peak_rss_mb": peak_rss_mb,
+        "cpu_seconds": metrics.get("cpu_seconds"),
+        "energy_kwh": metrics.get("energy_kwh"),
+        "energy_note": metrics.get("energy_note"),
         "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def energy_lines(lora: dict, full: dict) -> list[str]:
+    """LoRA's energy and CPU time against full fine-tuning's, per step and to reach the same accuracy.
+
+    Per step: the run's whole training energy (codecarbon, training loop only) over its optimizer steps. To
+    reach an accuracy: the first evaluation at or above the target (the lower of the two runs' best), its
+    step times the run's energy per step (training's draw is steady; evaluation is not counted).
+    """
+    if lora.get("cpu_seconds") is None or full.get("cpu_seconds") is None:
+        return []
+    target = min(lora["validation_accuracy"], full["validation_accuracy"])
+    lines = ["", f"Energy and CPU time (training loop; energy: {lora.get('energy_note') or 'not measured (pip install peftkit[energy])'}):", "",
+             "| method | steps | CPU s / step | energy / step | first step at >= "
+             f"{100 * target:.2f}% | CPU s to reach it | energy to reach it |", "|---|---:|---:|---:|---:|---:|---:|"]
+    reach = {}
+    for name, row in (("LoRA", lora), ("full fine-tuning", full)):
+        steps = row["steps"]
+        cpu, energy = row["cpu_seconds"] / steps, (row["energy_kwh"] or 0) * 3.6e6 / steps
+        step = next((e["step"] for e in row["evaluations"] if e["accuracy"] >= target - 1e-12), None)
+        reach[name] = (cpu * step, energy * step) if step else (None, None)
+        lines.append(f"| {name} | {steps} | {cpu:.2f} | {energy:.1f} J | {step} | {cpu * step:,.0f} | {energy * step / 1000:,.2f} kJ |")
+    per_step = 1 - (lora["energy_kwh"] or 0) / lora["steps"] / max((full["energy_kwh"] or 0) / full["steps"], 1e-30)
+    cpu_step = 1 - lora["cpu_seconds"] / lora["steps"] / (full["cpu_seconds"] / full["steps"])
+    lines += ["", f"LoRA uses {100 * cpu_step:.0f}% less CPU time and {100 * per_step:.0f}% less energy per step than full "
+              "fine-tuning" + (f"; to reach {100 * target:.2f}%: {100 * (1 - reach['LoRA'][1] / reach['full fine-tuning'][1]):.0f}% "
+                               "less energy" if reach["LoRA"][1] and reach["full fine-tuning"][1] else "") + "."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--eval-steps", type=int, default=None, help="also evaluate every N steps (for the equal-accuracy energy)")
     parser.add_argument("--methods", default="lora,full", help="comma-separated, run in this order")
     parser.add_argument("--workdir", default=None, help="folder for the runs (default: temporary, removed)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -176,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         several = len(rows) > 2
         lines += ["", f"Gap (full fine-tuning minus LoRA{', best run of each' if several else ''}): {gap:+.2f} points.", "",
                   f"- {'PASS' if passed else 'FAIL'}: LoRA within {TARGET_GAP_POINTS} points of full fine-tuning"]
+    if "lora" in best and "full" in best:
+        lines += energy_lines(best["lora"], best["full"])
     markdown = "\n".join(lines)
     print()
     print(markdown)

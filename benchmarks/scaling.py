@@ -400,7 +400,8 @@ def main(argv=None) -> int:
             shown = {k: row.get(k) for k in ("model", "setting", "status", "reason", "peak_rss_bytes", "estimate_bytes",
                                              "ratio", "step_time_s", "energy_j_per_step", "dequantize_s_per_step")}
             print(json.dumps(shown), flush=True)
-    projected, choices = projection(args), lora_7b_choices()
+    # The 7B-70B projection (a minute or two of meta-device estimates) goes with the results file.
+    projected, choices = (projection(args), lora_7b_choices()) if args.json else ([], [])
     markdown = print_tables(rows, projected, choices)
     if args.plot:
         plot(rows, Path(args.plot))

@@ -25,7 +25,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_PAGE = ROOT / "docs" / "results.md"
 ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
          "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "cotrain_passes", "interference",
-         "serve_load", "compile_step_time"]
+         "serve_load", "compile_step_time", "scaling", "lora_vs_full_energy", "federated", "routing", "serve_scale",
+         "vision"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
     "lora_vs_full": "LoRA against full fine-tuning, same budget",
@@ -43,6 +44,12 @@ TITLES = {
     "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
     "compile_step_time": "`torch.compile`: compiled and eager LoRA training step, peftkit and Hugging Face peft",
+    "scaling": "Scaling from 135M to 3B parameters: peak memory, step time and energy, against peftkit's estimate",
+    "lora_vs_full_energy": "Energy: LoRA against full fine-tuning at equal steps and at equal accuracy",
+    "federated": "Federated LoRA on Flower: aggregation rules, IID and non-IID, against centralized and each client alone",
+    "routing": "Automatic routing on mixed-task traffic, against the oracle and one merged adapter",
+    "serve_scale": "Serving 1,000 adapters: uniform and Zipf popularity against 16 adapters",
+    "vision": "Vision: LoRA against full fine-tuning on mnist-5k",
 }
 
 
@@ -117,6 +124,29 @@ def _headlines(results: dict[str, dict]) -> list[str]:
         row = results["serve_load"]["rows"][0]
         lines.append(f"- **Serving 16 adapters over HTTP**: {row['requests_per_s']:.1f} requests/s from 32 clients, "
                      f"{row['failed']} failed, p99 {row['latency_p99_ms']:.0f} ms on 2 CPU cores ({link('serve_load')}).")
+    if "scaling" in results:
+        rows = {(r["model"], r["setting"]): r for r in results["scaling"]["rows"]}
+        big, full = rows.get(("llama-3.2-3b", "lora-nf4-gc")), rows.get(("llama-3.2-3b", "full"))
+        if big and big.get("status") == "ok" and full:
+            lines.append(f"- **A 3B model on a 24 GiB CPU machine**: Llama-3.2-3B trains with LoRA on NF4 with gradient "
+                         f"checkpointing at a {big['peak_rss_bytes'] / 2**30:.1f} GiB peak; full fine-tuning would need "
+                         f"{full['estimate_bytes'] / 2**30:.0f} GiB ({link('scaling')}).")
+    if "federated" in results and results["federated"].get("baselines"):
+        fed = results["federated"]
+        share = max(r["share_of_whole_model"] for r in fed["runs"])
+        lines.append(f"- **Federated LoRA on Flower**: each client's message is {100 * share:.2f}% of the whole model "
+                     f"({link('federated')}).")
+    if "routing" in results:
+        rows = results["routing"]["rows"]
+        routed = max((r for n, r in rows.items() if n.startswith("routed-")), key=lambda r: r["total"]["accuracy"])
+        lines.append(f"- **Automatic routing** over four task adapters: {100 * routed['total']['accuracy']:.1f}% routed against "
+                     f"{100 * rows['oracle']['total']['accuracy']:.1f}% with the right adapter named by hand ({link('routing')}).")
+    if "serve_scale" in results:
+        rows = {r["variant"]: r for r in results["serve_scale"]["rows"]}
+        zipf, sixteen = rows.get("1,000, Zipf(1)"), rows.get("16, uniform")
+        if zipf and sixteen:
+            lines.append(f"- **1,000 adapters on one base**: {zipf['requests_per_s'] / sixteen['requests_per_s']:.2f}x the 16-adapter "
+                         f"requests/s under Zipf popularity, {zipf['failed']} failed ({link('serve_scale')}).")
     return lines
 
 

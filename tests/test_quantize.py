@@ -123,6 +123,25 @@ def test_forward_and_input_gradient_equal_a_float_linear_with_the_dequantized_we
     assert layer.dequantize(torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_scratch_dequantization_gives_the_same_values_and_reuses_one_buffer_per_size(scheme):
+    """Forward and backward dequantize into a reused buffer; the values are bit for bit the fresh ones, two
+    layers of one size share it, and the public weight never hands it out."""
+    torch.manual_seed(4)
+    first, second = (QuantizedLinear.from_linear(nn.Linear(64, 48), scheme, 64) for _ in range(2))
+    fresh = first.dequantize()
+    scratch = first.dequantize(scratch=True)
+    assert torch.equal(scratch, fresh)
+    assert second.dequantize(scratch=True).data_ptr() == scratch.data_ptr()  # the same buffer, overwritten
+    assert torch.equal(second.dequantize(), second.dequantize(scratch=True))
+    assert first.weight.data_ptr() != scratch.data_ptr() and torch.equal(first.weight, fresh)
+    # Two layers of one size in one graph: each backward pass uses its own layer's values.
+    x, mix = torch.randn(3, 64, requires_grad=True), torch.randn(48, 64)
+    second(first(x) @ mix + x).sum().backward()
+    upstream = torch.ones(3, 48) @ second.dequantize()  # the gradient reaching first(x) @ mix + x
+    assert torch.allclose(x.grad, upstream @ mix.T @ first.dequantize() + upstream, atol=1e-4)
+
+
 def test_quantize_model_skips_heads_says_so_and_stays_close_to_float():
     model = tiny_bert()
     reference = tiny_bert()

@@ -83,6 +83,7 @@ def _add_training_options(parser) -> None:
     loop.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, about a third more compute")
     loop.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (always at epoch ends)")
+    loop.add_argument("--eval-steps", type=int, default=None, help="also evaluate every N optimizer steps (besides each epoch's end)")
     loop.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     loop.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 128; 256 for chat tasks, "
                       "longer conversations are cut and counted)")
@@ -197,7 +198,7 @@ def run(args) -> int:
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.scheduler, gradient_accumulation_steps=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision, save_steps=args.save_steps,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
-        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to,
+        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to, eval_steps=args.eval_steps,
     )
     if args.lr is not None:
         training["learning_rate"] = args.lr
