@@ -20,6 +20,10 @@ clients per round x a client's mean steps per local epoch):
   rounds (as if it were sampled every round), scored on its own held-out part.
 All scored as the federation is: the mean of the clients' held-out accuracies, weighted by their sizes.
 
+Privacy: for each task, the IID federation with --dp-rule runs once more with Flower's differential-privacy
+mods (client-side clipping at norm 1, server noise multiplier --dp-noise); its final accuracy against the
+same run without.
+
 Personalization: after the federation (the rule that scored best under Dirichlet), each client
 fine-tunes the global adapter on its own examples for --personal-steps steps; the gain is its held-out
 accuracy after against before.
@@ -85,9 +89,10 @@ def baselines(settings: FederationSettings, global_adapter: dict | None, persona
     return result
 
 
-def run_federation(base: FederationSettings, workdir: Path, task: str, partition: str, rule: str) -> dict:
-    settings = dataclasses.replace(base, task=task, partition=partition, aggregate=rule,
-                                   output_dir=str(workdir / f"{task}-{partition.replace(':', '')}-{rule}"))
+def run_federation(base: FederationSettings, workdir: Path, task: str, partition: str, rule: str, dp_noise: float = 0.0) -> dict:
+    name = f"{task}-{partition.replace(':', '')}-{rule}" + (f"-dp{dp_noise:g}" if dp_noise else "")
+    settings = dataclasses.replace(base, task=task, partition=partition, aggregate=rule, dp_noise_multiplier=dp_noise,
+                                   output_dir=str(workdir / name))
     started = time.perf_counter()
     report = simulate(settings)
     report["wall_s"] = time.perf_counter() - started
@@ -117,6 +122,8 @@ def main() -> int:
     parser.add_argument("--personal-steps", type=int, default=10)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--dp-noise", type=float, default=0.5, help="noise multiplier of the privacy run (IID, --dp-rule); 0: none")
+    parser.add_argument("--dp-rule", default="delta")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
@@ -129,7 +136,7 @@ def main() -> int:
                               batch_size=args.batch_size, learning_rate=args.learning_rate, max_length=64,
                               max_examples_per_client=args.max_examples_per_client, seed=args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="peftkit-federated-bench-"))
-    runs, comparisons = [], []
+    runs, comparisons, privacy = [], [], []
     tables = [f"{args.model}, LoRA r={args.r} on query,value (+ the head); {args.clients} clients, {args.fraction:g} of them sampled "
               f"per round, {args.rounds} rounds of one local epoch; at most {args.max_examples_per_client} examples per client "
               f"(80% to train on, 20% held out for its own evaluation); batch {args.batch_size}, learning rate "
@@ -147,21 +154,34 @@ def main() -> int:
                               personal_steps=args.personal_steps, wall_s=time.perf_counter() - started)
             comparisons.append(comparison)
             tables.append(print_partition(task, partition, reports, comparison))
-            save(args, runs, comparisons, verdicts=None, tables=tables)  # what is done so far, in case the run is cut short
+            if args.dp_noise and partition == "iid":
+                plain = next(r for r in reports if r["rule"] == args.dp_rule)
+                private = run_federation(base, workdir, task, partition, args.dp_rule, dp_noise=args.dp_noise)
+                entry = {"task": task, "partition": partition, "rule": args.dp_rule, "noise_multiplier": args.dp_noise,
+                         "clipping_norm": base.dp_clipping_norm, "accuracy": private["rounds"][-1]["client_accuracy"],
+                         "accuracy_without": plain["rounds"][-1]["client_accuracy"], "wall_s": private["wall_s"]}
+                privacy.append(entry)
+                text = (f"Differential privacy ({task}, {partition}, {args.dp_rule}; Flower's client-side clipping at norm "
+                        f"{base.dp_clipping_norm:g}, server noise multiplier {args.dp_noise:g}): final accuracy "
+                        f"{100 * entry['accuracy']:.2f} against {100 * entry['accuracy_without']:.2f} without "
+                        f"({100 * (entry['accuracy'] - entry['accuracy_without']):+.2f} points).")
+                print("\n" + text)
+                tables.append(text)
+            save(args, runs, comparisons, verdicts=None, tables=tables, privacy=privacy)  # what is done so far
             sys.stdout.flush()
     verdicts = print_targets(runs, comparisons)
     tables.append("Targets:\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in verdicts.items()))
-    save(args, runs, comparisons, verdicts=verdicts, tables=tables)
+    save(args, runs, comparisons, verdicts=verdicts, tables=tables, privacy=privacy)
     return 0
 
 
-def save(args, runs, comparisons, verdicts, tables) -> None:
+def save(args, runs, comparisons, verdicts, tables, privacy) -> None:
     payload = {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]), "settings": vars(args),
                "measured_at": time.strftime("%Y-%m-%d"), "complete": verdicts is not None,
                "markdown": "\n\n".join(tables).replace("### ", "#### "),
                "runs": [{k: r[k] for k in ("task", "partition", "rule", "rounds", "adapter_tensor_bytes", "adapter_bytes_per_message",
                                              "whole_model_bytes", "share_of_whole_model", "wall_s")} for r in runs],
-               "baselines": comparisons, "targets": verdicts}
+               "baselines": comparisons, "privacy": privacy, "targets": verdicts}
     if args.json:
         write_json(args.json, payload)
     if args.plot:

@@ -19,7 +19,7 @@ with the method exactly as `peftkit train` would, and counts:
 - allocator: what the process holds on top of the live tensors while they come and go every step. The
   CPU allocator (glibc malloc) keeps freed blocks for reuse, and a forward pass makes short-lived tensors
   that are never saved; over the first steps the RSS settles at about a factor x (activations +
-  workspace), 1.5 on a float base, 2 on a quantized one, 3 on a quantized one with gradient
+  workspace), 1.5 on a float base, 2 on a quantized one, 2.4 on a quantized one with gradient
   checkpointing (TRANSIENT_FACTORS, measured with benchmarks/scaling.py);
 - runtime: Python, torch, transformers and peftkit themselves, a constant measured on this project's
   CPU build (RUNTIME_BYTES, see benchmarks/scaling.py).
@@ -51,16 +51,16 @@ AVAILABLE_MEMORY_VARIABLE = "PEFTKIT_AVAILABLE_MEMORY"
 # of float32 values (n), scaled in place: 6 bytes per value, kept for each distinct layer size.
 DEQUANTIZE_BYTES_PER_VALUE = 6
 # Peak RSS over a step's transient memory (saved activations + backward workspace), once the allocator has
-# settled (3-5 steps), by setting. The CPU allocator (glibc) keeps freed blocks for reuse and a forward pass
-# makes short-lived tensors it never saves; every dequantization of a quantized base (forward, backward, and
-# the recomputed forward with gradient checkpointing) adds more such blocks. Fitted on the SmolLM2 135M, 360M
-# and 1.7B rows of benchmarks/scaling.py (batch 1 x 256 tokens; measured 1.27-1.78 float, 1.69-2.22 NF4,
-# 2.24-3.59 NF4 with checkpointing) and checked on Llama-3.2-3B's rows, which the fit did not see.
+# settled (3-5 steps), by setting. The CPU allocator (glibc) keeps freed blocks for reuse, and a forward pass
+# makes short-lived tensors that it never saves; recomputing blocks (gradient checkpointing) makes them
+# again. Fitted on the SmolLM2 135M, 360M and 1.7B rows of benchmarks/scaling.py (batch 1 x 256 tokens;
+# measured 1.27-1.76 on a float base, 1.74-2.13 on NF4, 2.03-2.57 on NF4 with checkpointing) and checked on
+# Llama-3.2-3B's rows, which the fit did not see (1.62, 1.74, 1.83).
 TRANSIENT_FACTORS = {  # (quantized base, gradient checkpointing) -> factor
     (False, False): 1.5,
-    (False, True): 2.0,  # not measured: a float base with checkpointing recomputes without dequantizing
+    (False, True): 2.0,  # not measured (no float row with checkpointing): between the two measured neighbours
     (True, False): 2.0,
-    (True, True): 3.0,
+    (True, True): 2.4,
 }
 
 
