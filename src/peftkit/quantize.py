@@ -22,14 +22,12 @@ Formats (the weight is flattened row-major, (out, in) -> (out * in,), and cut in
   simpler to state and its error is within a step of 1/127 of a scale block's spread.)
 
 Stored per layer (buffers, so state_dict and safetensors hold them; nothing requires grad):
-`codes` (uint8 for NF4, int8 for int8), and either `absmax` (float32, one per block) or
-`absmax_codes` (uint8) + `absmax_scale` (float32, one per 256 blocks) + `absmax_offset` (float32).
-The bias stays a frozen float parameter, so methods that train biases (BitFit) still find it.
+`codes` (uint8 for NF4, int8 for int8), and either `absmax` (float32, one per block) or `absmax_codes` (uint8) +
+`absmax_scale` (float32, one per 256 blocks) + `absmax_offset` (float32). The bias stays a frozen float parameter.
 
 Merging an adapter into a quantized layer dequantizes the weight, lets the adapter add its update to
-that float copy, and requantizes the result; the error this introduces is measured against the exact
-float sum and kept on the layer (`merge_error_report`). Unmerging restores the codes saved before
-the merge bit for bit (requantizing back would not be exact).
+that float copy, and requantizes the result; the error this introduces is measured against the exact float sum and
+kept on the layer (`merge_error_report`). Unmerging restores the codes saved before the merge bit for bit.
 """
 
 from __future__ import annotations
