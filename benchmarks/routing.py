@@ -6,7 +6,7 @@
 What runs. Four LoRA adapters on minilm (r=8, alpha 16, all-linear, peftkit's defaults), one per task:
 sst2, trec, cr, mr, each trained by `peftkit.train.job.train_classifier` (what `peftkit train` runs) for
 --steps optimizer steps of 16 examples (a short run, not the full 2 epochs), which also writes each
-adapter's routing data (embeddings of 512 of its training inputs, computed with the adapter off). One
+adapter's routing data (embeddings of 512 of its training inputs, computed with the adapter off; 256 kept). One
 adapter merged from the four with TIES (density --density, weights 1, `peftkit combine`'s code),
 saved four times, each with one task's own classification head (the tasks' label sets differ, so a
 merged body needs a task's head to classify that task at all).

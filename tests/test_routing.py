@@ -126,6 +126,38 @@ def test_routing_data_round_trip_and_bad_files(tmp_path):
         read_routing_data(tmp_path)
 
 
+def test_an_embedding_is_the_middle_and_the_last_layer_side_by_side(routed_files):
+    _, _, tokenizer = routed_files
+    base = _tiny_bert(2, tokenizer.vocab_size)  # 2 layers: hidden_states = (embeddings, layer 1, layer 2)
+    texts = ["zebra zebra", "a much longer text about a piano and a volcano"]
+    got = embed_texts(base, tokenizer, texts)
+    assert got.shape == (2, 2 * 32)
+    for row, text in zip(got, texts):
+        encoded = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            states = base(**encoded, output_hidden_states=True).hidden_states
+        parts = [torch.nn.functional.normalize(states[i][0].mean(0), dim=0) for i in (1, 2)]
+        torch.testing.assert_close(row, torch.nn.functional.normalize(torch.cat(parts), dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_routing_data_of_another_format_or_width_is_refused_with_the_way_out(routed_files, tmp_path):
+    model_folder, adapters, _ = routed_files
+    shutil.copytree(adapters / "a1", tmp_path / "a1")
+    shutil.copytree(adapters / "a0", tmp_path / "old-format")
+    shutil.copytree(adapters / "a0", tmp_path / "narrow")
+    data = read_routing_data(tmp_path / "old-format")
+    io.write_tensors(tmp_path / "old-format" / ROUTING_NAME, {"examples": data.examples[:, :32], "centroid": data.centroid[:32]},
+                     metadata={**data.metadata, "format": "peftkit-routing/1"})
+    with pytest.raises(PeftkitError, match="peftkit-routing/2.*peftkit routing"):
+        read_routing_data(tmp_path / "old-format")
+    write_routing_data(tmp_path / "narrow", RoutingData(data.examples[:, :32], data.centroid[:32], data.metadata))
+    with serving(model_folder, tmp_path) as (client, _):
+        problems = client.get("/v1/routing").json()["problems"]
+        assert "peftkit-routing/2" in problems["old-format"]
+        assert "32 dimensions; this model's have 64" in problems["narrow"] and "peftkit routing" in problems["narrow"]
+        assert client.post("/v1/classify", json={"adapter": "auto", "texts": ["zebra zebra"]}).json()["routed_to"] == ["a1"]
+
+
 # --- the server ---------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ def add_parsers(commands) -> None:
 
     parser = commands.add_parser(
         "routing", help="write an adapter's routing data (embeddings of its task's inputs) for \"auto\" in peftkit serve",
-        description=f"Embed inputs of the adapter's task with its base model (no adapter: mean-pooled last hidden states) "
+        description=f"Embed inputs of the adapter's task with its base model (no adapter: its middle and last layers' hidden states, mean-pooled) "
                     f"and write {ROUTING_NAME} into the adapter folder: the centroid and a sample of the embeddings. "
                     "peftkit serve routes requests that name the adapter \"auto\" with them. peftkit train writes this "
                     "file already; this command is for adapters trained elsewhere or before. Nothing else is changed.",
