@@ -1,11 +1,11 @@
-"""How training cost grows with model size, 135M to 3B here (projected to 70B), and the estimate against it.
+"""How training cost grows with model size, 135M to 7B here (projected to 70B), and the estimate against it.
 
     python benchmarks/scaling.py --json benchmarks/results/scaling.json --plot benchmarks/results/scaling.png
     python benchmarks/scaling.py --runtime            # the runtime constant of peftkit.estimate (RUNTIME_BYTES)
     python benchmarks/scaling.py --loading smollm2-1.7b   # low-memory NF4 loading: peak RSS / loaded model
 
 Models (Llama architecture, real shapes): smollm2 (SmolLM2-135M-Instruct) with its real weights, and
-SmolLM2-360M, SmolLM2-1.7B and Llama-3.2-3B built from their published configs (benchmarks/configs/,
+SmolLM2-360M, SmolLM2-1.7B, Llama-3.2-3B and Llama-2-7B built from their published configs (benchmarks/configs/,
 sources in its README) with random weights: memory and time do not depend on the values, and no
 accuracy is reported for them. Methods: full fine-tuning, LoRA r=16 (alpha 32, all linear layers) on a
 float32 base, LoRA on an NF4 base, LoRA on NF4 with gradient checkpointing.
@@ -44,6 +44,7 @@ MODELS = {  # name -> (source for load_model_layerwise / estimate, weights)
     "smollm2-360m": (str(CONFIGS / "smollm2-360m.json"), "random"),
     "smollm2-1.7b": (str(CONFIGS / "smollm2-1.7b.json"), "random"),
     "llama-3.2-3b": (str(CONFIGS / "llama-3.2-3b.json"), "random"),
+    "llama-2-7b": (str(CONFIGS / "llama-2-7b.json"), "random"),  # float LoRA and full are refused by the estimate here
 }
 PROJECTED = {name: str(CONFIGS / f"{name}.json") for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b")}
 SETTINGS = {  # name -> (method, quantize, gradient checkpointing)
@@ -309,6 +310,7 @@ def print_tables(rows, projected, choices) -> str:
 
 def plot(rows, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
@@ -323,9 +325,17 @@ def plot(rows, path: Path) -> None:
         axes.plot([r["parameters"] for r in predicted], [r["estimate_bytes"] / 2**30 for r in predicted], "x--",
                   color=line.get_color(), alpha=0.6)
     axes.set_xscale("log")
+    axes.set_yscale("log")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    axes.axhline(memory, color="grey", linestyle=":", label=f"this machine's memory ({memory:.0f} GiB)")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e9:g}B" if x >= 1e9 else f"{x / 1e6:g}M"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xticks([135e6, 360e6, 1.7e9, 3.2e9, 6.7e9])
+    axes.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     axes.set_xlabel("parameters")
     axes.set_ylabel("peak RSS (GiB)")
-    axes.set_title("Training peak memory against model size (CPU, batch 1 x 256 tokens)\nsolid: measured, dashed: peftkit estimate")
+    axes.set_title("Training peak memory against model size (CPU, batch 1 x 256 tokens)\n"
+                   "solid: measured; dashed, x: peftkit estimate (x alone: not run, would not fit)")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()

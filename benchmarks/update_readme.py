@@ -44,7 +44,7 @@ TITLES = {
     "interference": "Interference: task adapters merged by each method, against each task's own adapter",
     "serve_load": "Serving 16 adapters over HTTP (`peftkit serve`): mixed-adapter batches against one adapter per batch",
     "compile_step_time": "`torch.compile`: compiled and eager LoRA training step, peftkit and Hugging Face peft",
-    "scaling": "Scaling from 135M to 3B parameters: peak memory, step time and energy, against peftkit's estimate",
+    "scaling": "Scaling from 135M to 7B parameters: peak memory, step time and energy, against peftkit's estimate",
     "lora_vs_full_energy": "Energy: LoRA against full fine-tuning at equal steps and at equal accuracy",
     "federated": "Federated LoRA on Flower: aggregation rules, IID and non-IID, against centralized and each client alone",
     "routing": "Automatic routing on mixed-task traffic, against the oracle and one merged adapter",
@@ -125,12 +125,21 @@ def _headlines(results: dict[str, dict]) -> list[str]:
         lines.append(f"- **Serving 16 adapters over HTTP**: {row['requests_per_s']:.1f} requests/s from 32 clients, "
                      f"{row['failed']} failed, p99 {row['latency_p99_ms']:.0f} ms on 2 CPU cores ({link('serve_load')}).")
     if "scaling" in results:
-        rows = {(r["model"], r["setting"]): r for r in results["scaling"]["rows"]}
-        big, full = rows.get(("llama-3.2-3b", "lora-nf4-gc")), rows.get(("llama-3.2-3b", "full"))
-        if big and big.get("status") == "ok" and full:
-            lines.append(f"- **A 3B model on a 24 GiB CPU machine**: Llama-3.2-3B trains with LoRA on NF4 with gradient "
-                         f"checkpointing at a {big['peak_rss_bytes'] / 2**30:.1f} GiB peak; full fine-tuning would need "
-                         f"{full['estimate_bytes'] / 2**30:.0f} GiB ({link('scaling')}).")
+        rows = results["scaling"]["rows"]
+        trained = [r for r in rows if r["setting"] in ("lora-nf4", "lora-nf4-gc") and r.get("status") == "ok"]
+        if trained:
+            largest = max(r["parameters"] for r in trained)
+            nf4 = {r["setting"]: r for r in trained if r["parameters"] == largest}
+            name = next(iter(nf4.values()))["model"]
+            full = next((r for r in rows if r["model"] == name and r["setting"] == "full"), None)
+            label = f"{largest / 1e9:.0f}B" if largest >= 1e9 else f"{largest / 1e6:.0f}M"
+            plain, checkpointed = nf4.get("lora-nf4"), nf4.get("lora-nf4-gc")
+            peak = f"a peak of {(plain or checkpointed)['peak_rss_bytes'] / 2**30:.1f} GiB"
+            if plain and checkpointed:
+                peak += f" ({checkpointed['peak_rss_bytes'] / 2**30:.1f} GiB with gradient checkpointing)"
+            tail = f"; full fine-tuning would need {full['estimate_bytes'] / 2**30:.0f} GiB" if full else ""
+            lines.append(f"- **A {label} model on a 24 GiB CPU machine**: {name} trains with LoRA on NF4 at {peak}{tail} "
+                         f"({link('scaling')}).")
     if "federated" in results and results["federated"].get("baselines"):
         fed = results["federated"]
         share = max(r["share_of_whole_model"] for r in fed["runs"])
