@@ -176,6 +176,30 @@ def test_train_refuses_a_run_that_will_not_fit_and_names_a_cheaper_one(chat_fold
     assert metrics["cpu_seconds"] > 0 and "energy_kwh" in metrics
 
 
+def test_the_resource_meter_estimates_energy_with_codecarbon_quietly(tmp_path, monkeypatch):
+    """With codecarbon (the energy extra) a span gets an energy figure labeled an estimate; no file is written
+    and codecarbon's deprecation warnings stay out of the user's log."""
+    import time
+    import warnings
+
+    pytest.importorskip("codecarbon", reason="the energy extra: pip install codecarbon")
+    from peftkit.train.measure import ENERGY_NOTE, ResourceMeter, rapl_readable
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meter = ResourceMeter()
+        meter.start()
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:
+            sum(range(1000))
+        result = meter.stop()
+    assert result["cpu_seconds"] >= 0.3 and result["energy_kwh"] > 0
+    assert result["energy_note"] == ("codecarbon, from RAPL power counters" if rapl_readable() else ENERGY_NOTE)
+    assert list(tmp_path.iterdir()) == []
+    assert not [w for w in caught if "codecarbon" in (w.filename or "")], [str(w.message) for w in caught]
+
+
 # --------------------------------------------------------------------------- loading
 
 

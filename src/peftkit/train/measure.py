@@ -49,10 +49,14 @@ class ResourceMeter:
 
             from peftkit.extras import require
 
+            import inspect
+
             emissions = require("codecarbon", "measuring energy")
+            # No file output: codecarbon 3 says so with output_methods=[] (save_to_file is deprecated there), 2.x with save_to_file.
+            accepted = inspect.signature(emissions.emissions_tracker.BaseEmissionsTracker.__init__).parameters
+            quiet = {"output_methods": []} if "output_methods" in accepted else {"save_to_file": False}
             self.tracker = emissions.OfflineEmissionsTracker(
-                country_iso_code=self.country_iso_code, log_level="error", save_to_file=False,
-                measure_power_secs=5, tracking_mode="process")
+                country_iso_code=self.country_iso_code, log_level="error", measure_power_secs=5, tracking_mode="process", **quiet)
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
             self.tracker.start()
 
