@@ -45,11 +45,10 @@ class ResourceMeter:
 
         self.cpu_started = time.process_time()
         if self.measure_energy and importlib.util.find_spec("codecarbon") is not None:
+            import inspect
             import logging
 
             from peftkit.extras import require
-
-            import inspect
 
             emissions = require("codecarbon", "measuring energy")
             # No file output: codecarbon 3 says so with output_methods=[] (save_to_file is deprecated there), 2.x with save_to_file.
