@@ -46,6 +46,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from peftkit.federated import local
+from peftkit.federated.privacy import describe as describe_budget
 from peftkit.federated.settings import FederationSettings
 from peftkit.federated.simulation import simulate
 from peftkit.io import write_json
@@ -159,12 +160,14 @@ def main() -> int:
                 private = run_federation(base, workdir, task, partition, args.dp_rule, dp_noise=args.dp_noise)
                 entry = {"task": task, "partition": partition, "rule": args.dp_rule, "noise_multiplier": args.dp_noise,
                          "clipping_norm": base.dp_clipping_norm, "accuracy": private["rounds"][-1]["client_accuracy"],
-                         "accuracy_without": plain["rounds"][-1]["client_accuracy"], "wall_s": private["wall_s"]}
+                         "accuracy_without": plain["rounds"][-1]["client_accuracy"], "wall_s": private["wall_s"],
+                         "privacy": private.get("privacy")}
                 privacy.append(entry)
                 text = (f"Differential privacy ({task}, {partition}, {args.dp_rule}; Flower's client-side clipping at norm "
                         f"{base.dp_clipping_norm:g}, server noise multiplier {args.dp_noise:g}): final accuracy "
                         f"{100 * entry['accuracy']:.2f} against {100 * entry['accuracy_without']:.2f} without "
-                        f"({100 * (entry['accuracy'] - entry['accuracy_without']):+.2f} points).")
+                        f"({100 * (entry['accuracy'] - entry['accuracy_without']):+.2f} points)"
+                        + (f"; privacy budget: {describe_budget(entry['privacy'])}." if entry["privacy"] else "."))
                 print("\n" + text)
                 tables.append(text)
             save(args, runs, comparisons, verdicts=None, tables=tables, privacy=privacy)  # what is done so far

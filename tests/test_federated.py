@@ -163,6 +163,9 @@ def test_simulation_with_crashing_clients_and_privacy_gives_an_adapter_peftkit_e
     assert set(second["client_accuracies"]) == {"0", "1", "2"}  # every client scores on its own held-out part
     assert second["server_accuracy"] is not None
     assert second["dp_noise_multiplier"] == 0.5  # Flower's client-side clipping and server noise were on
+    privacy = report["privacy"]  # two rounds released a noised aggregate of 2 of the 3 clients each
+    assert (privacy["rounds"], privacy["noise_multiplier"], privacy["delta"]) == (2, 0.5, 1e-5)
+    assert privacy["sampling_rate"] == pytest.approx(2 / 3) and 0 < privacy["epsilon"] < float("inf")
     per_message = report["adapter_bytes_per_message"]
     assert second["bytes_down"] == second["bytes_up"] == 2 * per_message and second["bytes_eval"] == 3 * per_message
     assert 0 < report["share_of_whole_model"] < 0.05
@@ -336,3 +339,25 @@ def test_a_server_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_fold
     report = json.loads((output / "federation.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5, 6]
     assert report["rounds"][:number] == before
+
+
+def test_the_privacy_budget_grows_with_rounds_and_sampling_and_shrinks_with_noise():
+    import math
+
+    from peftkit.federated.privacy import privacy_budget
+
+    pytest.importorskip("dp_accounting")
+
+    def epsilon(**changes):
+        return privacy_budget(**{"noise_multiplier": 1.0, "clients_per_round": 4, "clients": 10, "rounds": 8, **changes})["epsilon"]
+
+    assert epsilon(rounds=16) > epsilon() > epsilon(noise_multiplier=2.0) > 0
+    assert epsilon(clients_per_round=1, clients=100) < epsilon()  # a client is rarely sampled: less is spent
+    assert privacy_budget(0.0, 4, 10, 8)["epsilon"] == math.inf
+    # Every client every round: T Gaussian mechanisms, RDP T * alpha / (2 sigma^2) at order alpha. The classic
+    # conversion min over alpha of RDP + log(1/delta) / (alpha - 1) bounds the accountant's (tighter) figure from above.
+    sigma, steps, delta = 3.0, 10, 1e-5
+    classic = min(steps * a / (2 * sigma**2) + math.log(1 / delta) / (a - 1) for a in (1 + i / 100 for i in range(1, 10000)))
+    assert 0.8 * classic < privacy_budget(sigma, 10, 10, steps, delta)["epsilon"] <= classic
+    with pytest.raises(PeftkitError, match="clients_per_round <= clients"):
+        privacy_budget(1.0, 11, 10, 8)

@@ -44,7 +44,8 @@ def add_parsers(commands) -> None:
     parser.add_argument("--server-eval", type=int, default=0, metavar="N",
                         help="the server also scores the global adapter on N validation examples each round")
     parser.add_argument("--dp-noise", type=float, default=0.0,
-                        help="differential privacy: Flower's client-side fixed clipping with this noise multiplier (0: off)")
+                        help="differential privacy: Flower's client-side fixed clipping with this noise multiplier (0: off); "
+                        "the report gives the privacy budget spent (epsilon at delta 1e-5, client-level)")
     parser.add_argument("--dp-clip", type=float, default=defaults.dp_clipping_norm, help="clipping norm of a client's update")
     parser.add_argument("--round-timeout", type=float, default=defaults.round_timeout_s, help="seconds a round waits for replies")
     parser.add_argument("--min-clients", type=int, default=defaults.min_clients, help="fewest updates a round aggregates")
@@ -86,6 +87,7 @@ def settings_from(args):
 
 def _federate(args) -> int:
     from peftkit.federated import simulation
+    from peftkit.federated.privacy import describe as describe_budget
     from peftkit.registry import method_config
 
     settings = settings_from(args)
@@ -109,5 +111,6 @@ def _federate(args) -> int:
         ("whole model", f"{report['whole_model_bytes']:,} bytes"),
         ("share", f"{100 * report['share_of_whole_model']:.3f}%"),
         ("adapter", f"{settings.output_dir}/adapter"),
+        *([("privacy", describe_budget(report["privacy"]))] if report.get("privacy") else []),
     ])
     return 0

@@ -249,11 +249,16 @@ def save_final(settings: FederationSettings, adapted: local.AdaptedModel, histor
     shared = adapted.shared_state()
     message = record_bytes(ArrayRecord(shared))  # as Flower serializes it (each array with its small header)
     whole = adapted.whole_model_bytes()
-    write_json(folder / rounds.REPORT_NAME, {
+    report = {
         "settings": settings.__dict__, "rounds": [r.to_dict() for r in history],
         "adapter_tensor_bytes": local.state_bytes(shared), "adapter_bytes_per_message": message,
         "whole_model_bytes": whole, "share_of_whole_model": message / whole,
-    })
+    }
+    if settings.dp_noise_multiplier > 0:  # every round released one noised aggregate
+        from peftkit.federated.privacy import privacy_budget
+
+        report["privacy"] = privacy_budget(settings.dp_noise_multiplier, settings.clients_per_round, settings.clients, len(history))
+    write_json(folder / rounds.REPORT_NAME, report)
 
 
 def make_server_app(settings: FederationSettings | None = None) -> ServerApp:
