@@ -61,4 +61,4 @@ def describe(budget: dict[str, Any]) -> str:
     if budget["epsilon"] is None:
         return budget.get("note", "epsilon not computed")
     return (f"epsilon {budget['epsilon']:.3g} at delta {budget['delta']:g} (noise multiplier {budget['noise_multiplier']:g}, "
-            f"{budget['rounds']} rounds at sampling rate {budget['sampling_rate']:.2g}; {budget['accountant']})")
+            f"{budget['rounds']} round{'' if budget['rounds'] == 1 else 's'} at sampling rate {budget['sampling_rate']:.2g}; {budget['accountant']})")
