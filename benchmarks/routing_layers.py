@@ -5,8 +5,8 @@
 For each task, 1,024 of its training texts (peftkit.serve.routing.sample_texts, seed 0) are embedded once
 with the base model (no adapter), keeping every layer's mean-pooled hidden states. The first 512 are the
 adapter's routing data (the centroid of all 512; the first --examples of them kept for knn), the other 512
-are the queries, so no test text takes part in choosing the layers. An embedding built from several layers
-is their normalized mean-pooled states side by side, normalized again (what peftkit.serve.routing.embed_texts
+are the queries, routed by peftkit.serve.routing's own two routers, so no test text takes part in
+choosing the layers. An embedding built from several layers is their normalized mean-pooled states side by side, normalized again (what peftkit.serve.routing.embed_texts
 does with the middle layer and the last). Printed: the share of queries routed to the right kind of task,
 counting sst2 and mr (sentences of the same Rotten Tomatoes reviews) as one, for the nearest-centroid router
 and the knn router (k=16).
@@ -45,18 +45,18 @@ def embedding(states, layers):
 
 
 def routed_right(train, queries, layers, examples, k=16):
+    """Share of queries routed to the right kind of task by peftkit's own routers, over routing data built from
+    `train` with these layers (the centroid of all, the first `examples` kept)."""
+    from peftkit.serve.routing import NearestCentroid, NearestExamples, RoutingData, RoutingTable
+
     kept = {t: embedding(train[t], layers) for t in TASKS}
-    centroids = torch.stack([F.normalize(kept[t].mean(0), dim=0) for t in TASKS])
-    stored = torch.cat([kept[t][:examples] for t in TASKS])
-    owners = torch.cat([torch.full((min(examples, len(kept[t])),), i) for i, t in enumerate(TASKS)])
+    table = RoutingTable.build({t: RoutingData(examples=kept[t][:examples], centroid=F.normalize(kept[t].mean(0), dim=0))
+                                for t in TASKS})
     right = {"centroid": [], "knn": []}
     for t in TASKS:
         q = embedding(queries[t], layers)
-        by_centroid = (q @ centroids.T).argmax(1)
-        values, indices = (q @ stored.T).topk(k, dim=1)
-        by_knn = torch.zeros(len(q), len(TASKS)).scatter_add_(1, owners[indices], values.clamp(min=0)).argmax(1)
-        for name, chosen in (("centroid", by_centroid), ("knn", by_knn)):
-            right[name].append(sum(SOURCE[TASKS[j]] == SOURCE[t] for j in chosen.tolist()) / len(q))
+        for name, router in (("centroid", NearestCentroid()), ("knn", NearestExamples(k=k))):
+            right[name].append(sum(SOURCE[c.adapter] == SOURCE[t] for c in router.choose(table, q)) / len(q))
     return {name: 100 * sum(v) / len(v) for name, v in right.items()}
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftkit.errors import PeftkitError
+
 DEFAULT_DELTA = 1e-5
 ACCOUNTANT = "Renyi DP (dp-accounting), Poisson-sampled Gaussian at q = clients per round / clients, client-level"
 
@@ -24,8 +26,6 @@ def privacy_budget(noise_multiplier: float, clients_per_round: int, clients: int
                    delta: float = DEFAULT_DELTA) -> dict[str, Any]:
     """{"epsilon", "delta", "noise_multiplier", "sampling_rate", "rounds", "accountant"}; epsilon is None, with a
     "note" saying how to get it, where `dp-accounting` is not installed. No noise: epsilon is infinite."""
-    from peftkit.errors import PeftkitError
-
     if clients <= 0 or not 0 < clients_per_round <= clients or rounds < 0 or not 0 < delta < 1:
         raise PeftkitError(f"privacy_budget needs 0 < clients_per_round <= clients, rounds >= 0 and 0 < delta < 1; got "
                            f"clients_per_round={clients_per_round}, clients={clients}, rounds={rounds}, delta={delta}")
