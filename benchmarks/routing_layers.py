@@ -5,11 +5,11 @@
 For each task, 1,024 of its training texts (peftkit.serve.routing.sample_texts, seed 0) are embedded once
 with the base model (no adapter), keeping every layer's mean-pooled hidden states. The first 512 are the
 adapter's routing data (the centroid of all 512; the first --examples of them kept for knn), the other 512
-are the queries, routed by peftkit.serve.routing's own two routers, so no test text takes part in
-choosing the layers. An embedding built from several layers is their normalized mean-pooled states side
-by side, normalized again (what peftkit.serve.routing.embed_texts does with the middle layer and the last).
-Printed: the share of queries routed to the right kind of task, counting sst2 and mr (sentences of the same Rotten Tomatoes reviews) as one, for the nearest-centroid router
-and the knn router (k=16).
+are the queries, routed by peftkit.serve.routing's own two routers, so no test text takes part in choosing
+the layers. An embedding built from several layers is their normalized mean-pooled states side by side,
+normalized again (what peftkit.serve.routing.embed_texts does with the middle layer and the last). Printed:
+the share of queries routed to the right kind of task, counting sst2 and mr (sentences of the same Rotten
+Tomatoes reviews) as one, for the nearest-centroid router and the knn router (k=16).
 
 Then the ceiling for telling sst2 from mr: how many of sst2's test sentences appear verbatim (lower-cased,
 spaces normalized) in mr, and the held-out accuracy of a logistic regression trained to separate the two
