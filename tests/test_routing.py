@@ -315,3 +315,12 @@ def test_training_writes_routing_data_and_peftkit_routing_rewrites_it(tiny_model
     torch.testing.assert_close(again.centroid, written.centroid, atol=1e-5, rtol=1e-4)
     missing = subprocess.run([sys.executable, "-m", "peftkit.cli", "routing", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "peftkit: error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_peftkit_routing_refuses_an_adapter_folder_with_a_corrupt_config(tmp_path):
+    from peftkit.serve.routing import compute_routing_data
+
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(PeftkitError, match="adapter_config.json is not valid JSON"):
+        compute_routing_data(tmp_path, "sst2", "minilm")
+    assert not (tmp_path / ROUTING_NAME).exists()

@@ -331,6 +331,12 @@ def compute_routing_data(adapter_folder: str | os.PathLike, task: str, model: st
         folder = folder / "adapter"
     if not (folder / io.CONFIG_NAME).is_file():
         raise PeftkitError(f"{adapter_folder} is not an adapter folder (no {io.CONFIG_NAME}); give runs/NAME or runs/NAME/adapter")
+    import json
+
+    try:
+        json.loads((folder / io.CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # no routing data beside an adapter no server can load
+        raise PeftkitError(f"{folder / io.CONFIG_NAME} is not valid JSON ({error}); save the adapter again") from None
     texts = sample_texts(task_texts(task, split, holdout), max_texts, seed)
     kind = zoo.BUILTIN_MODELS[model].kind if model in zoo.BUILTIN_MODELS else None
     if kind == "causal" or (kind is None and _is_causal_folder(model)):
