@@ -25,7 +25,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_PAGE = ROOT / "docs" / "results.md"
 ORDER = ["default_job", "lora_vs_full", "lora_step_time", "methods", "methods_step_time", "instruct", "sft_step_time",
          "generation", "quantize", "lora_fused", "mixed_batch", "cotrain", "cotrain_passes", "interference",
-         "serve_load", "compile_step_time", "scaling", "lora_vs_full_energy", "federated", "routing", "serve_scale",
+         "serve_load", "compile_step_time", "scaling", "lora_vs_full_energy", "federated", "federated_trec_iid_16rounds", "routing", "serve_scale",
          "vision"]
 TITLES = {
     "default_job": "The default job (`peftkit train`)",
@@ -47,6 +47,7 @@ TITLES = {
     "scaling": "Scaling from 135M to 7B parameters: peak memory, step time and energy, against peftkit's estimate",
     "lora_vs_full_energy": "Energy: LoRA against full fine-tuning at equal steps and at equal accuracy",
     "federated": "Federated LoRA on Flower: aggregation rules, IID and non-IID, against centralized and each client alone",
+    "federated_trec_iid_16rounds": "Federated LoRA on trec, IID, over 16 rounds, against centralized training with the same doubled budget",
     "routing": "Automatic routing on mixed-task traffic, against the oracle and one merged adapter",
     "serve_scale": "Serving 1,000 adapters: uniform and Zipf popularity against 16 adapters",
     "vision": "Vision: LoRA against full fine-tuning on mnist-5k",
